@@ -1,0 +1,1 @@
+"""lit_distill: distil large causal LMs into small ones and align them (PyTorch Lightning)."""
