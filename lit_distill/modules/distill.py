@@ -1,0 +1,164 @@
+"""Logit knowledge distillation: a frozen teacher's token distributions teach a trainable student.
+
+Off-policy batches come from the data: loss = alpha·CE(labels) + (1 − alpha)·T²·D(teacher ‖ student).
+On-policy batches (GKD, Agarwal et al. 2024), drawn with probability ``on_policy_fraction``: the student
+completes the first ``prompt_tokens`` tokens of each example itself (KV-cached sampling), and only the
+divergence is taken on its own completion tokens — cross-entropy on self-generated text would teach nothing.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from lit_distill.losses import DIVERGENCES, kd_loss
+from lit_distill.models.loading import ModelSpec, build_model, count_parameters, load_tokenizer
+from lit_distill.modules.base import CausalLMModule, causal_lm_logits, default_optimizer
+from lit_distill.optim import SchedulerCallable
+from lit_distill.rollout import generate, left_pad
+
+IGNORE_INDEX = -100
+
+
+class DistillModule(CausalLMModule):
+    frozen_modules = ("teacher",)
+
+    def __init__(self, student: ModelSpec, teacher: ModelSpec, divergence: str = "forward_kl",
+                 temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5, chunk_size: Optional[int] = None,
+                 on_policy_fraction: float = 0.0, prompt_tokens: int = 16, max_new_tokens: int = 32,
+                 sampling_temperature: float = 1.0, seed: int = 0,
+                 optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
+                 save_dir: Optional[str] = None, merge_lora: bool = False):
+        """
+        Args:
+            student: the trained model; its tokenizer is the run's tokenizer.
+            teacher: the frozen model; ``teacher.dtype`` may be lower precision (its logits are upcast in the loss).
+            divergence: one of ``lit_distill.losses.DIVERGENCES``.
+            temperature: T dividing both logits; the divergence term is scaled by T².
+            alpha: weight of the hard-label cross-entropy; ``1 − alpha`` weighs the divergence.
+            beta: JSD interpolation / skew coefficient (see ``kd_loss``).
+            chunk_size: tokens per chunk in the loss (bounds its memory); None = all at once.
+            on_policy_fraction: probability λ that a training batch is completed by the student's own samples.
+            prompt_tokens: prefix of each example kept as the prompt of an on-policy batch.
+            max_new_tokens: completion budget of an on-policy batch.
+            sampling_temperature: temperature of on-policy sampling.
+            seed: base seed of on-policy sampling (each rank adds its rank).
+        """
+        super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"divergence '{divergence}' is not one of {DIVERGENCES}")
+        if not 0.0 <= on_policy_fraction <= 1.0:
+            raise ValueError(f"on_policy_fraction must be in [0, 1], got {on_policy_fraction}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.tokenizer = load_tokenizer(student.tokenizer or student.name_or_path)
+        teacher_tokenizer = load_tokenizer(teacher.tokenizer or teacher.name_or_path)
+        if teacher_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(
+                f"vocab mismatch: the teacher's tokenizer ({teacher.tokenizer or teacher.name_or_path}, "
+                f"{len(teacher_tokenizer)} tokens) differs from the student's "
+                f"({student.tokenizer or student.name_or_path}, {len(self.tokenizer)} tokens); logit "
+                "distillation needs one shared vocabulary")
+        self.model = build_model(student, self.tokenizer)
+        self.teacher = build_model(teacher, teacher_tokenizer).eval().requires_grad_(False)
+        self.student_ppl, self.teacher_ppl = Perplexity(IGNORE_INDEX), Perplexity(IGNORE_INDEX)
+        self.mean_divergence = MeanMetric()
+        self._sampler: Optional[torch.Generator] = None
+
+    def train(self, mode: bool = True):
+        """Lightning switches the whole module to train mode each epoch; the teacher stays in eval (no dropout)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        teacher_params, student_params = count_parameters(self.teacher), count_parameters(self.model)
+        self.print(f"teacher {teacher_params:,} parameters, student {student_params:,} "
+                   f"({count_parameters(self.model, trainable_only=True):,} trainable)")
+
+    # ---- loss ---------------------------------------------------------------------------------------------
+    def distill_loss(self, batch: dict, alpha: float, reduction: str = "sum"):
+        """Student logits (B, T, V) and ``kd_loss`` on the causally shifted batch."""
+        student_logits = causal_lm_logits(self.model, batch["input_ids"], batch["attention_mask"])
+        with torch.no_grad():
+            teacher_logits = causal_lm_logits(self.teacher, batch["input_ids"], batch["attention_mask"])
+        hp = self.hparams
+        loss, stats = kd_loss(student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:],
+                              divergence=hp.divergence, temperature=hp.temperature, alpha=alpha, beta=hp.beta,
+                              chunk_size=hp.chunk_size, reduction=reduction, vocab_size=len(self.tokenizer))
+        return student_logits, teacher_logits, loss, stats
+
+    def training_step(self, batch, batch_idx):
+        hp = self.hparams
+        # Seeded by the step, so every rank makes the same choice and a resumed run makes the same choices.
+        on_policy = random.Random(f"{hp.seed}-{self.global_step}-{batch_idx}").random() < hp.on_policy_fraction
+        if on_policy:
+            batch = self.student_completions(batch)
+        _, _, loss_sum, stats = self.distill_loss(batch, alpha=0.0 if on_policy else hp.alpha)
+        num_tokens = stats.num_tokens.clamp(min=1)
+        self.log_dict({"train/loss": loss_sum.detach() / num_tokens, "train/ce": stats.ce,
+                       "kd/divergence": stats.divergence, "kd/on_policy": float(on_policy)}, prog_bar=False)
+        return self.step_normalised(loss_sum, stats.num_tokens)
+
+    @torch.no_grad()
+    def student_completions(self, batch: dict) -> dict:
+        """Replace each example by its first ``prompt_tokens`` tokens plus the student's sampled completion;
+        labels cover only the completion (up to and including EOS)."""
+        hp = self.hparams
+        if self._sampler is None:
+            self._sampler = torch.Generator(device=self.device).manual_seed(hp.seed + self.global_rank)
+        was_training = self.model.training
+        self.model.eval()  # no dropout while sampling
+        # The first prompt_tokens real tokens of each row, left-padded whatever the batch's padding side.
+        prompts = [ids[mask.bool()][: hp.prompt_tokens].tolist()
+                   for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        prompt_ids, prompt_mask = (t.to(self.device) for t in left_pad(prompts, self.tokenizer.pad_token_id))
+        rollout = generate(self.model, prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens,
+                           eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                           temperature=hp.sampling_temperature, generator=self._sampler)
+        self.model.train(was_training)
+        labels = rollout.sequences.clone()  # (B, P + N)
+        labels[:, : rollout.prompt_length] = IGNORE_INDEX
+        labels[:, rollout.prompt_length:][rollout.completion_mask == 0] = IGNORE_INDEX
+        return {"input_ids": rollout.sequences, "attention_mask": rollout.attention_mask, "labels": labels}
+
+    # ---- evaluation ---------------------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        self.evaluation_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self.evaluation_step(batch, "test")
+
+    def evaluation_step(self, batch: dict, stage: str) -> None:
+        student_logits, teacher_logits, loss, stats = self.distill_loss(batch, self.hparams.alpha, reduction="mean")
+        labels = batch["labels"][:, 1:]
+        self.student_ppl(student_logits[:, :-1].float(), labels)
+        self.teacher_ppl(teacher_logits[:, :-1].float(), labels)
+        self.mean_divergence.update(stats.divergence, weight=stats.num_tokens)
+        tokens = int(stats.num_tokens)
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/ce": stats.ce}, batch_size=tokens, sync_dist=True)
+        self.log_dict({f"{stage}/ppl": self.student_ppl, f"{stage}/teacher_ppl": self.teacher_ppl,
+                       f"{stage}/kd_divergence": self.mean_divergence}, prog_bar=True)
+
+    @torch.no_grad()
+    def evaluate(self, dataloader, max_batches: Optional[int] = None) -> dict[str, float]:
+        """Student and teacher perplexity and the mean divergence over ``dataloader`` (outside the Trainer loop)."""
+        student_ppl, teacher_ppl = Perplexity(IGNORE_INDEX).to(self.device), Perplexity(IGNORE_INDEX).to(self.device)
+        divergence = MeanMetric().to(self.device)
+        was_training = self.training
+        self.eval()
+        for index, batch in enumerate(dataloader):
+            if max_batches is not None and index >= max_batches:
+                break
+            batch = {key: value.to(self.device) for key, value in batch.items()}
+            student_logits, teacher_logits, _, stats = self.distill_loss(batch, self.hparams.alpha, reduction="mean")
+            student_ppl.update(student_logits[:, :-1].float(), batch["labels"][:, 1:])
+            teacher_ppl.update(teacher_logits[:, :-1].float(), batch["labels"][:, 1:])
+            divergence.update(stats.divergence, weight=stats.num_tokens)
+        self.train(was_training)
+        return {"student_ppl": student_ppl.compute().item(), "teacher_ppl": teacher_ppl.compute().item(),
+                "kd_divergence": divergence.compute().item()}

@@ -1,0 +1,61 @@
+"""Supervised fine-tuning / pre-training: next-token cross-entropy on one model."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics.text import Perplexity
+
+from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer
+from lit_distill.modules.base import CausalLMModule, causal_lm_logits, default_optimizer
+from lit_distill.optim import SchedulerCallable
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+    """Summed next-token cross-entropy and the number of loss tokens.
+
+    Args:
+        logits: (B, T, V) logits at every position.
+        labels: (B, T) targets aligned with the inputs (shifted here); ``ignore_index`` marks non-loss tokens.
+    Returns:
+        ``(loss_sum, num_tokens)``, fp32 scalars.
+    """
+    shifted_logits = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
+    shifted_labels = labels[:, 1:].flatten()  # (B*(T-1),)
+    loss_sum = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=ignore_index, reduction="sum")
+    return loss_sum, (shifted_labels != ignore_index).sum()
+
+
+class SFTModule(CausalLMModule):
+    """Cross-entropy training of one causal LM (pre-training on packed text or SFT on masked labels)."""
+
+    def __init__(self, model: ModelSpec, optimizer: OptimizerCallable = default_optimizer,
+                 lr_scheduler: Optional[SchedulerCallable] = None, save_dir: Optional[str] = None,
+                 merge_lora: bool = False):
+        super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.tokenizer = load_tokenizer(model.tokenizer or model.name_or_path)
+        self.model = build_model(model, self.tokenizer)
+        self.ppl = Perplexity(ignore_index=-100)
+
+    def training_step(self, batch, batch_idx):
+        logits = causal_lm_logits(self.model, batch["input_ids"], batch["attention_mask"])
+        loss_sum, num_tokens = token_cross_entropy(logits, batch["labels"])
+        self.log("train/loss", loss_sum / num_tokens.clamp(min=1), prog_bar=True)
+        return self.step_normalised(loss_sum, num_tokens)
+
+    def validation_step(self, batch, batch_idx):
+        self.evaluation_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self.evaluation_step(batch, "test")
+
+    def evaluation_step(self, batch, stage: str) -> None:
+        logits = causal_lm_logits(self.model, batch["input_ids"], batch["attention_mask"])
+        loss_sum, num_tokens = token_cross_entropy(logits, batch["labels"])
+        self.ppl(logits[:, :-1].float(), batch["labels"][:, 1:])
+        self.log(f"{stage}/loss", loss_sum / num_tokens.clamp(min=1), batch_size=int(num_tokens), sync_dist=True)
+        self.log(f"{stage}/ppl", self.ppl, prog_bar=True)

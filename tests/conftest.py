@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny models saved to local directories, so hub code paths run offline."""
+
+import os
+
+# Nothing in the test suite may reach the network or a tracking server.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from lit_distill.models.loading import load_tokenizer
+
+TOKENIZER = "lit-distill/tokenizer"
+
+
+def tiny_llama(vocab_size: int, layers: int = 2, hidden: int = 32, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256)
+    return LlamaForCausalLM(config)
+
+
+def tiny_gpt2(vocab_size: int, layers: int = 2, hidden: int = 32, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer(TOKENIZER)
+
+
+def _save(model, tokenizer, path):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tokenizer):
+    """A 2-layer random Llama with the shipped tokenizer, as a save_pretrained directory (a 'teacher')."""
+    return _save(tiny_llama(len(tokenizer), layers=2, hidden=48, seed=1), tokenizer, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_dirs(tmp_path_factory, tokenizer):
+    """Teacher and student GPT-2 directories standing in for gpt2-medium and gpt2."""
+    return (_save(tiny_gpt2(len(tokenizer), layers=3, hidden=48, seed=2), tokenizer, tmp_path_factory.mktemp("gpt2m")),
+            _save(tiny_gpt2(len(tokenizer), layers=2, hidden=32, seed=3), tokenizer, tmp_path_factory.mktemp("gpt2")))
