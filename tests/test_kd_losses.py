@@ -187,13 +187,13 @@ def test_token_divergence_gradcheck(divergence):
         lambda s: token_divergence(s, teacher, divergence, temperature=1.5, beta=BETAS[divergence]), (student,))
 
 
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_kd_loss_gradcheck_chunked(divergence):
+def test_kd_loss_gradcheck_chunked():
+    # Through masking, vocab truncation, checkpointed chunks and the mixture; per-divergence checks are above.
     student, teacher, labels = random_batch(seed=6, time=3, vocab=4, masked=((1, 1),))
     student = student.double().requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda s: kd_loss(s, teacher.double(), labels, divergence=divergence, temperature=2.0, alpha=0.4,
-                          beta=BETAS[divergence], chunk_size=2)[0], (student,))
+        lambda s: kd_loss(s, teacher.double()[..., :3], labels.clamp(max=2), divergence="jsd", temperature=2.0,
+                          alpha=0.4, beta=0.3, chunk_size=2, vocab_size=3)[0], (student,))
 
 
 # ---- chunking -----------------------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_chunks_are_checkpointed():
 def test_checkpoint_skipped_without_grad():
     student, teacher, labels = random_batch(seed=9)
     with torch.no_grad():
-        loss, stats = kd_loss(student, teacher, labels, chunk_size=2)
+        loss, _ = kd_loss(student, teacher, labels, chunk_size=2)
     assert_close(loss, kd_loss(student, teacher, labels)[0], rtol=1e-6, atol=1e-6)
 
 
@@ -256,8 +256,7 @@ def test_divergence_of_identical_distributions_is_zero(divergence):
     student, _, labels = random_batch(seed=10, scale=5.0)
     out = token_divergence(student, student.clone(), divergence, temperature=2.0, beta=BETAS[divergence])
     assert_close(out, torch.zeros(2, 5), rtol=0, atol=1e-6)
-    loss, stats = kd_loss(student, student.clone(), labels, divergence=divergence, alpha=0.0,
-                          beta=BETAS[divergence])
+    loss, _ = kd_loss(student, student.clone(), labels, divergence=divergence, alpha=0.0, beta=BETAS[divergence])
     assert_close(loss, torch.tensor(0.0), rtol=0, atol=1e-6)
 
 

@@ -172,7 +172,7 @@ def render(template: str, fields: dict[str, str], fact: Optional[str] = None) ->
 
 
 class World:
-    """Samples people and renders paragraphs, questions and sums about them from one seeded RNG.
+    """Samples people, sentences about them and sums, all from one seeded RNG.
 
     Args:
         seed: seed of the private ``random.Random``; the same seed gives the same sequence of outputs.

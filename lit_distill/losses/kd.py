@@ -71,7 +71,7 @@ def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
     """log(weight · p + (1 − weight) · q), elementwise, without leaving log space (no log(0) when both underflow)."""
     if weight == 0.0:
         return log_q  # log(0) would be -inf; the mixture is exactly q
-    return torch.logaddexp(log_q + math.log(weight), log_p + math.log1p(-weight))
+    return torch.logaddexp(log_p + math.log(weight), log_q + math.log1p(-weight))
 
 
 def _divergence(log_p_s: Tensor, log_p_t: Tensor, divergence: str, beta: float) -> Tensor:

@@ -1,0 +1,101 @@
+"""The CLI end to end: every config parses, the quickstart improves its metrics, the seed config runs on local
+directories, and a 2-process CPU DDP run matches a 1-process run on the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lit_distill.cli import LitDistillCLI
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert "configs/quickstart.yaml" in CONFIGS and len(CONFIGS) >= 4
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_parses_and_starts_with_its_command(config, capsys):
+    text = (ROOT / config).read_text()
+    assert text.startswith("#") and f"--config {config}" in text.split("\n\n")[0].split("seed_everything")[0]
+    with pytest.raises(SystemExit) as exit_info:
+        LitDistillCLI(args=["fit", "--config", str(ROOT / config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "class_path" in capsys.readouterr().out
+
+
+def test_configs_compose_left_to_right(tmp_path, capsys):
+    override = tmp_path / "override.yaml"
+    override.write_text("trainer:\n  max_steps: 7\nmodel:\n  init_args:\n    temperature: 3.0\n")
+    with pytest.raises(SystemExit):
+        LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(override),
+                            "--print_config"])
+    printed = capsys.readouterr().out
+    assert "max_steps: 7" in printed and "temperature: 3.0" in printed and "divergence: forward_kl" in printed
+
+
+def test_quickstart_improves_student_towards_teacher(tmp_path):
+    LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--trainer.max_steps", "60",
+                        "--trainer.val_check_interval", "60", "--data.init_args.embedded_documents", "600",
+                        "--trainer.logger.init_args.save_dir", str(tmp_path),
+                        "--model.init_args.save_dir", str(tmp_path / "student")])
+    report = json.loads(next(tmp_path.rglob("distill_report.json")).read_text())
+    assert report["student_ppl_after"] < 0.5 * report["student_ppl_before"]
+    assert report["kd_divergence_after"] < 0.5 * report["kd_divergence_before"]
+    assert report["teacher_ppl"] < report["student_ppl_after"]
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")  # plain transformers loads the result
+    assert student.config.num_hidden_layers == 2
+
+
+def test_seed_config_runs_on_local_directories(gpt2_dirs, tmp_path):
+    teacher_dir, student_dir = gpt2_dirs
+    data = tmp_path / "wikitext"
+    data.mkdir()
+    lines = [f" The river number {i} runs through the valley of the old town . " for i in range(300)]
+    (data / "train.txt").write_text("\n".join([" = Rivers = ", ""] + lines))
+    (data / "validation.txt").write_text("\n".join(lines[:60]))
+    LitDistillCLI(args=[
+        "fit", "--config", str(ROOT / "configs/distill/gpt2-medium_to_gpt2_wikitext2.yaml"),
+        "--model.init_args.teacher.name_or_path", teacher_dir, "--model.init_args.teacher.dtype", "float32",
+        "--model.init_args.student.name_or_path", student_dir, "--model.init_args.save_dir", str(tmp_path / "out"),
+        "--data.init_args.source", str(data), "--data.init_args.tokenizer", student_dir,
+        "--data.init_args.block_size", "64", "--data.init_args.num_workers", "0",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+        "--trainer.max_epochs", "1", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "2",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger.init_args.save_dir", str(tmp_path),  # wandb in offline mode (conftest)
+    ])
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def run_cli(args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "lit_distill", *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch(llama_dir, tmp_path):
+    """Same global batch (2 ranks x 4 vs 1 x 8), ragged on-policy lengths excluded: weights agree after 3 steps."""
+    common = ["fit", "--config", str(ROOT / "configs/quickstart.yaml"),
+              "--model.init_args.teacher.name_or_path", llama_dir, "--model.init_args.student.tokenizer", llama_dir,
+              "--data.init_args.tokenizer", llama_dir, "--data.init_args.embedded_documents", "200",
+              "--data.init_args.block_size", "32", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+              "--trainer.callbacks", "[]", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    run_cli(common + ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.init_args.batch_size", "4",
+                      "--model.init_args.save_dir", str(tmp_path / "ddp")], cwd=tmp_path)
+    run_cli(common + ["--trainer.devices", "1", "--data.init_args.batch_size", "8",
+                      "--model.init_args.save_dir", str(tmp_path / "single")], cwd=tmp_path)
+    ddp = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp").state_dict()
+    single = AutoModelForCausalLM.from_pretrained(tmp_path / "single").state_dict()
+    assert ddp.keys() == single.keys()
+    for name in ddp:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
