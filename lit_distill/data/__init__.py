@@ -1,4 +1,6 @@
 """LightningDataModules, datasets, readers and the embedded offline corpus."""
+from lit_distill.data.preference import JSONLPreferenceDataModule, SQuADPreferenceDataModule
+from lit_distill.data.squad import SQuADDataModule
 from lit_distill.data.text import WikiTextDataModule
 
-__all__ = ["WikiTextDataModule"]
+__all__ = ["JSONLPreferenceDataModule", "SQuADDataModule", "SQuADPreferenceDataModule", "WikiTextDataModule"]

@@ -15,7 +15,6 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 REDUCTIONS = ("mean", "sum")
@@ -175,6 +174,44 @@ def _chunk_sums(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, 
     return torch.stack([ce, divergence_sum])
 
 
+class _ChunkedKD(torch.autograd.Function):
+    """The weighted loss sum over unmasked positions, ``chunk_size`` positions at a time, with each chunk's
+    gradient computed during the forward pass.
+
+    The loss is a sum of per-position terms, so the gradient of a position's logits depends on that position only.
+    Computing it chunk by chunk in forward bounds peak memory to the student's gradient buffer (in the student's
+    dtype, which backward must produce anyway) plus one chunk's fp32 intermediates; nothing else is kept for
+    backward, and no masked copy of the full logits is made.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, positions, weights, chunk_size, chunk_sums):
+        needs_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(student_logits) if needs_grad else None  # (B, T, V)
+        sums = weights.new_zeros(2)  # (CE sum, divergence sum)
+        for chunk in positions.split(chunk_size):  # (n, 2) (batch, time) indices of unmasked positions
+            batch_index, time_index = chunk.unbind(-1)
+            student = student_logits[batch_index, time_index]  # (n, V): a copy of this chunk only
+            teacher, targets = teacher_logits[batch_index, time_index], labels[batch_index, time_index]
+            if needs_grad:
+                with torch.enable_grad():
+                    student = student.detach().requires_grad_(True)
+                    chunk_sum = chunk_sums(student, teacher, targets)  # (2,)
+                    (chunk_grad,) = torch.autograd.grad(weights @ chunk_sum, student)
+                grad[batch_index, time_index] = chunk_grad
+            else:
+                chunk_sum = chunk_sums(student, teacher, targets)
+            sums += chunk_sum.detach()
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(sums)
+        return weights @ sums, sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_sums):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
+
+
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, divergence: str = "forward_kl",
             temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5, ignore_index: int = -100,
             chunk_size: Optional[int] = None, reduction: str = "mean",
@@ -187,9 +224,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, d
     magnitude comparable across temperatures, since softened gradients scale as 1/T².
 
     Inputs are already aligned: position t of the logits predicts ``labels[:, t]`` (the caller shifts).
-    Only unmasked rows are gathered, then processed ``chunk_size`` rows at a time in fp32; with gradients
-    enabled each chunk runs under activation checkpointing, so backward keeps only the chunk inputs and the fp32
-    intermediates of one chunk at a time. Chunked and unchunked results agree up to summation order.
+    Only unmasked rows are used. With ``chunk_size`` they are processed that many at a time in fp32, each chunk's
+    gradient being computed in the forward pass (``_ChunkedKD``), so memory beyond the inputs is one gradient
+    buffer plus one chunk's intermediates. Chunked and unchunked results agree up to summation order.
 
     Args:
         student_logits: (B, T, Vs) student logits (any dtype; upcast to fp32 chunk by chunk).
@@ -225,26 +262,20 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, d
     student_logits, teacher_logits = align_vocab(student_logits, teacher_logits.detach(), vocab_size)
     dtype = _compute_dtype(student_logits, teacher_logits)
 
-    # Indexing the (B, T, V) views with the (B, T) mask copies only the unmasked rows, even from the
-    # non-contiguous slices made by the causal shift and align_vocab.
     mask = labels != ignore_index  # (B, T)
-    student, teacher, targets = student_logits[mask], teacher_logits[mask], labels[mask]  # (N, V), (N, V), (N,)
     num_tokens = mask.sum()
-
     chunk_sums = partial(_chunk_sums, divergence=divergence, temperature=temperature, beta=beta, dtype=dtype)
+    weights = torch.tensor([alpha, (1.0 - alpha) * temperature ** 2], dtype=dtype, device=student_logits.device)
     if chunk_size is None:
-        sums = chunk_sums(student, teacher, targets)
+        # Indexing the (B, T, V) views with the (B, T) mask copies only the unmasked rows, even from the
+        # non-contiguous slices made by the causal shift and align_vocab.
+        sums = chunk_sums(student_logits[mask], teacher_logits[mask], labels[mask])  # (2,)
+        loss = weights @ sums
     else:
-        recompute = torch.is_grad_enabled() and student.requires_grad
-        # torch.split of an empty (0, V) tensor still yields one empty chunk, whose sums are 0 but attached
-        # to the graph: an all-masked batch back-propagates zeros, so DDP sees every parameter used.
-        sums = torch.stack([
-            checkpoint(chunk_sums, s, t, y, use_reentrant=False) if recompute else chunk_sums(s, t, y)
-            for s, t, y in zip(student.split(chunk_size), teacher.split(chunk_size), targets.split(chunk_size))
-        ]).sum(0)
-    ce_sum, divergence_sum = sums.unbind()  # (2,) -> two scalars
+        loss, sums = _ChunkedKD.apply(student_logits, teacher_logits, labels, mask.nonzero(), weights, chunk_size,
+                                      chunk_sums)
+    ce_sum, divergence_sum = sums.detach().unbind()  # (2,) -> two scalars
 
-    loss = alpha * ce_sum + (1.0 - alpha) * temperature ** 2 * divergence_sum
     denominator = num_tokens.clamp(min=1)  # an all-masked batch has zero sums: its mean is 0, not NaN
     if reduction == "mean":
         loss = loss / denominator

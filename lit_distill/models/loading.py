@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedTokenizerBase
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -129,7 +129,8 @@ def build_model(spec: ModelSpec, tokenizer: Optional[PreTrainedTokenizerBase] = 
         where, gguf_file = resolve_source(spec.name_or_path, spec.gguf_file)
         kwargs = dict(trust_remote_code=spec.trust_remote_code, revision=spec.revision)
         if gguf_file:
-            kwargs["gguf_file"] = gguf_file
+            # Dense, trainable weights (no packed GGUF layers): the model can then be fine-tuned and saved.
+            kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
         try:
             if spec.from_scratch:
                 config = AutoConfig.from_pretrained(where, **kwargs)

@@ -63,7 +63,7 @@ class DistillModule(CausalLMModule):
                 f"{len(teacher_tokenizer)} tokens) differs from the student's "
                 f"({student.tokenizer or student.name_or_path}, {len(self.tokenizer)} tokens); logit "
                 "distillation needs one shared vocabulary")
-        self.model = build_model(student, self.tokenizer)
+        self.model = build_model(student, self.tokenizer).train()  # from_pretrained returns eval mode
         self.teacher = build_model(teacher, teacher_tokenizer).eval().requires_grad_(False)
         self.student_ppl, self.teacher_ppl = Perplexity(IGNORE_INDEX), Perplexity(IGNORE_INDEX)
         self.mean_divergence = MeanMetric()

@@ -38,7 +38,7 @@ class SFTModule(CausalLMModule):
         super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.tokenizer = load_tokenizer(model.tokenizer or model.name_or_path)
-        self.model = build_model(model, self.tokenizer)
+        self.model = build_model(model, self.tokenizer).train()  # from_pretrained returns eval mode
         self.ppl = Perplexity(ignore_index=-100)
 
     def training_step(self, batch, batch_idx):

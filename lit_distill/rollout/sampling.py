@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
+from lit_distill.losses.logprobs import token_logprobs
+
 
 @dataclass
 class Rollout:
@@ -89,22 +91,6 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
         (B, T) ``cumsum(mask) - 1``, clamped at 0 on the left padding (which is masked anyway).
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _token_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
-    """Log-prob of ``tokens`` under ``softmax(logits / temperature)``, in fp32.
-
-    Args:
-        logits: (..., V) raw logits.
-        tokens: (...) token ids.
-        temperature: softmax temperature.
-
-    Returns:
-        (...) fp32 log-probs.
-    """
-    logits = logits.float() / temperature
-    # gather - logsumexp avoids materialising a second (..., V) tensor of log-probs.
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -198,7 +184,7 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, max_new_tokens
             next_tokens = logits.argmax(-1)  # (B,)
         alive = ~finished  # (B,) this step's token is real (EOS included) only where not yet finished
         tokens.append(next_tokens.masked_fill(finished, pad_token_id))
-        logprobs.append(_token_logprobs(logits, next_tokens, temperature).masked_fill(finished, 0.0))
+        logprobs.append(token_logprobs(logits, next_tokens, temperature).masked_fill(finished, 0.0))
         alive_masks.append(alive)
         finished = finished | torch.isin(next_tokens, eos_ids)
         if step == max_new_tokens - 1 or bool(finished.all()):
@@ -238,5 +224,5 @@ def sequence_logprobs(model, sequences: Tensor, attention_mask: Tensor, prompt_l
     logits = model(input_ids=sequences, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask),
                    **_logits_to_keep_kwargs(model, num_new + 1)).logits[:, -num_new - 1:-1]  # (B, N, V)
-    logprobs = _token_logprobs(logits, sequences[:, prompt_length:], temperature)  # (B, N)
+    logprobs = token_logprobs(logits, sequences[:, prompt_length:], temperature)  # (B, N)
     return logprobs.masked_fill(attention_mask[:, prompt_length:] == 0, 0.0)

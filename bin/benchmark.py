@@ -1,0 +1,337 @@
+"""Benchmark the KD loss's peak memory and DistillModule's training throughput; prints a table per section.
+
+    python bin/benchmark.py                                   # both sections, defaults (~1 min on 2 CPU cores)
+    python bin/benchmark.py --only kd_memory --chunk-sizes none,128,512 --json /tmp/bench.json
+    python bin/benchmark.py --only throughput --device cuda --precision bf16-mixed --teacher smollm2-135m-instruct \\
+        --student smollm2-135m-instruct --keep-layers 0,6,12,18,24,29 --batch-size 8 --chunk-size 1024
+
+kd_memory: forward + backward of ``kd_loss(..., reduction="mean")`` (forward KL, alpha 0.5) on random (B, T, V)
+student and teacher logits, the student's with requires_grad, once per chunk size, each in a fresh subprocess
+(so that one variant's freed or cached memory cannot hide another's peak).
+  * peak extra MiB: peak memory during the forward + backward minus what the process held once the inputs
+    (both logits and the labels) were allocated and written. It includes the gradient of the student logits, one
+    logits-sized tensor (the header gives that size), which any implementation must produce.
+    CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` after the inputs (bytes held by tensors;
+    the caching allocator's reserve is not counted).
+    CPU: there is no allocator statistic, so it is the process's peak resident set (``ru_maxrss``, Linux) minus
+    ``ru_maxrss`` right after the inputs were written. A tiny ``kd_loss`` call runs before the inputs are
+    allocated, so one-off costs (thread pools, kernel set-up) are part of the baseline, and the inputs, allocated
+    last, make that baseline the process's current size. The workers run with glibc's
+    ``MALLOC_MMAP_THRESHOLD_`` fixed at 1 MiB, so every tensor block of 1 MiB or more is mapped on allocation and
+    unmapped when freed, and the RSS follows what tensors hold. Left dynamic, glibc raises the threshold up to
+    32 MiB and keeps freed blocks below it in its heap: chunks of 64 rows (12 MiB intermediates) then measured
+    0.75-1 logit more than with the fixed threshold, an allocator artefact that varies from run to run. CPU
+    times therefore include zero-filling fresh pages for every block.
+  * time s: the fastest of ``--repeats`` forward + backward passes.
+  * |dloss|, max|dgrad|: a chunked variant's loss and student-logit gradient against an unchunked pass on the same
+    inputs, run in the same process after the peak was read; they differ only by summation order.
+
+throughput: a Lightning Trainer fits DistillModule for ``--warmup-steps`` + ``--steps`` optimizer steps on
+``WikiTextDataModule(source="embedded")``; tokens/s = steps * batch * block / wall time of the last ``--steps``
+steps (the whole loop: data, teacher forward, student forward + backward, clipping, AdamW). Then, on one training
+batch outside the Trainer (medians of 5): teacher fwd ms, the teacher's no-grad forward; distill fwd+bwd ms,
+``DistillModule.distill_loss`` (both forwards and the KD loss) and its backward; student ms, their difference.
+Defaults: teacher = the shipped ``lit-distill/tiny-teacher`` if it has been built, else a random model of its shape
+(``configs/teacher/quickstart.yaml``); student = the student of ``configs/quickstart.yaml``.
+
+Timings depend on everything else the machine runs; report the hardware and its load with them. On a CPU shared
+with another job, ``--threads 1`` keeps torch's threads from waiting on each other (descheduled) at every op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lit_distill.losses import kd_loss
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SECTIONS = ("kd_memory", "throughput")
+DTYPES = ("float32", "bfloat16", "float16")  # torch attribute names, as ModelSpec.dtype
+MIB = 2 ** 20
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def parse_chunk_size(text: str) -> Optional[int]:
+    return None if text.lower() == "none" else int(text)
+
+
+# ---- kd_memory ------------------------------------------------------------------------------------------------
+def kd_pass(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+            chunk_size: Optional[int]) -> torch.Tensor:
+    """One forward + backward of the loss; leaves the gradient in ``student.grad``, returns the detached loss."""
+    student.grad = None  # a fresh gradient each pass, not an accumulation into the previous one
+    loss, _ = kd_loss(student, teacher, labels, chunk_size=chunk_size, reduction="mean")
+    loss.backward()
+    return loss.detach()
+
+
+def kd_worker(args: argparse.Namespace) -> dict:
+    """Measure one chunk size (``args.kd_worker``) in this process, which must do nothing else."""
+    device, dtype = torch.device(args.device), getattr(torch, args.kd_dtype)
+    chunk_size = parse_chunk_size(args.kd_worker)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def make_inputs(batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shape = (batch, seq_len, args.vocab_size)
+        student = torch.randn(shape, generator=generator, device=device, dtype=dtype).requires_grad_()
+        teacher = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        labels = torch.randint(args.vocab_size, shape[:2], generator=generator, device=device)
+        return student, teacher, labels
+
+    kd_pass(*make_inputs(1, 8), chunk_size)  # one-off set-up costs go into the baseline
+    student, teacher, labels = make_inputs(args.kd_batch_size, args.seq_len)  # randn writes every page
+    synchronize(device)
+    if device.type == "cuda":
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        loss = kd_pass(student, teacher, labels, chunk_size)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row = {"chunk_size": chunk_size, "peak_extra_mib": (peak - baseline) / MIB, "time_s": min(times),
+           "loss": loss.item(), "loss_diff": None, "grad_diff": None}
+    if chunk_size is not None:
+        grad = student.grad
+        reference = kd_pass(student, teacher, labels, None)
+        row["loss_diff"] = (loss - reference).abs().item()
+        row["grad_diff"] = (grad - student.grad).abs().max().item()
+    return row
+
+
+def kd_memory(args: argparse.Namespace) -> list[dict]:
+    """One fresh subprocess per chunk size (see the module docstring)."""
+    rows = []
+    for chunk_size in args.chunk_sizes:
+        command = [sys.executable, __file__, "--kd-worker", str(chunk_size), "--device", args.device,
+                   "--vocab-size", str(args.vocab_size), "--seq-len", str(args.seq_len),
+                   "--kd-batch-size", str(args.kd_batch_size), "--kd-dtype", args.kd_dtype,
+                   "--repeats", str(args.repeats)]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MIB)}  # see the module docstring (glibc only)
+        result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env=env)  # stderr shown
+        rows.append(json.loads(result.stdout.splitlines()[-1]))
+    return rows
+
+
+def print_kd_memory(args: argparse.Namespace, rows: list[dict]) -> None:
+    logits_mib = args.kd_batch_size * args.seq_len * args.vocab_size * getattr(torch, args.kd_dtype).itemsize / MIB
+    method = "CUDA max_memory_allocated" if args.device == "cuda" else "peak RSS (ru_maxrss)"
+    print(f"KD loss forward+backward, B={args.kd_batch_size} T={args.seq_len} V={args.vocab_size} {args.kd_dtype} "
+          f"logits ({logits_mib:.0f} MiB each), {method} above the inputs, fastest of {args.repeats}")
+    print(f"{'chunk_size':>10}  {'peak extra MiB':>14}  {'x logits':>8}  {'time s':>7}  {'|dloss|':>8}  "
+          f"{'max|dgrad|':>10}")
+    for row in rows:
+        diffs = ("-", "-") if row["loss_diff"] is None else (f"{row['loss_diff']:.1e}", f"{row['grad_diff']:.1e}")
+        print(f"{str(row['chunk_size']):>10}  {row['peak_extra_mib']:14.0f}  "
+              f"{row['peak_extra_mib'] / logits_mib:8.2f}  {row['time_s']:7.2f}  {diffs[0]:>8}  {diffs[1]:>10}")
+
+
+# ---- throughput -----------------------------------------------------------------------------------------------
+def model_specs(args: argparse.Namespace) -> tuple:
+    """(teacher, student) ``ModelSpec``s from the command line, defaulting to the quickstart models."""
+    import yaml
+
+    from lit_distill.models.loading import ASSETS, ModelSpec
+
+    if args.teacher:
+        teacher = ModelSpec(name_or_path=args.teacher, dtype=args.teacher_dtype)
+    elif (ASSETS / "tiny_teacher").is_dir():
+        teacher = ModelSpec(name_or_path="lit-distill/tiny-teacher", dtype=args.teacher_dtype)
+    else:  # not built yet: random weights, same shapes and speed
+        config = yaml.safe_load((CONFIGS / "teacher" / "quickstart.yaml").read_text())
+        shape = config["model"]["init_args"]["model"]
+        teacher = ModelSpec(tokenizer=shape["tokenizer"], config=shape["config"], dtype=args.teacher_dtype)
+    if args.student:
+        student = ModelSpec(name_or_path=args.student, keep_layers=args.keep_layers)
+    else:
+        config = yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())
+        student = ModelSpec(tokenizer=teacher.tokenizer or teacher.name_or_path,
+                            config=config["model"]["init_args"]["student"]["config"])
+    return teacher, student
+
+
+def throughput(args: argparse.Namespace) -> dict:
+    # Imported here, not at the top, so that the kd_memory workers load only torch.
+    import logging
+    import warnings
+
+    import lightning as L
+    from transformers.utils import logging as transformers_logging
+
+    from lit_distill.data import WikiTextDataModule
+    from lit_distill.models.loading import count_parameters
+    from lit_distill.modules import DistillModule
+    from lit_distill.modules.base import causal_lm_logits
+
+    device = torch.device(args.device)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # accelerator banners and tips
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the frozen teacher, by design
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # inside Lightning
+
+    class StepTimer(L.Callback):
+        """Wall time from the end of optimizer step ``warmup`` to the end of the last one."""
+
+        def __init__(self, warmup: int):
+            self.warmup, self.start, self.end = warmup, 0.0, 0.0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            synchronize(device)
+            if trainer.global_step == self.warmup:
+                self.start = time.perf_counter()
+            self.end = time.perf_counter()
+
+    L.seed_everything(0, verbose=False)
+    teacher, student = model_specs(args)
+    module = DistillModule(student=student, teacher=teacher, chunk_size=args.chunk_size)
+    data = WikiTextDataModule(source="embedded", tokenizer=student.tokenizer or student.name_or_path,
+                              block_size=args.block_size, batch_size=args.batch_size)
+    timer = StepTimer(args.warmup_steps)
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=args.precision,
+                        max_steps=args.warmup_steps + args.steps, gradient_clip_val=1.0,  # as the shipped configs
+                        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+    trainer.fit(module, datamodule=data)
+    train_s = timer.end - timer.start
+
+    batch = {key: value.to(module.device) for key, value in next(iter(data.train_dataloader())).items()}
+
+    def median_ms(step) -> float:
+        step()  # warm-up
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+    def teacher_forward() -> None:
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            causal_lm_logits(module.teacher, batch["input_ids"], batch["attention_mask"])
+
+    def distill_step() -> None:
+        with trainer.precision_plugin.forward_context():
+            loss = module.distill_loss(batch, alpha=module.hparams.alpha)[2]
+        loss.backward()
+        module.model.zero_grad(set_to_none=True)
+
+    module.train()
+    teacher_ms, distill_ms = median_ms(teacher_forward), median_ms(distill_step)
+    return {"teacher": teacher.name_or_path or f"random {teacher.config['model_type']} (teacher quickstart shape)",
+            "student": (f"{student.name_or_path} layers {student.keep_layers}" if student.keep_layers
+                        else student.name_or_path or f"random {student.config['model_type']} (quickstart student)"),
+            "teacher_params": count_parameters(module.teacher), "student_params": count_parameters(module.model),
+            "vocab_size": len(module.tokenizer), "precision": str(args.precision), "chunk_size": args.chunk_size,
+            "batch_size": args.batch_size, "block_size": args.block_size, "steps": args.steps, "time_s": train_s,
+            "tokens_per_s": args.steps * args.batch_size * args.block_size / train_s,
+            "teacher_fwd_ms": teacher_ms, "distill_fwd_bwd_ms": distill_ms, "student_ms": distill_ms - teacher_ms}
+
+
+def print_throughput(result: dict) -> None:
+    print(f"DistillModule training, teacher {result['teacher']} ({result['teacher_params']:,} params), student "
+          f"{result['student']} ({result['student_params']:,} params), V={result['vocab_size']}, "
+          f"B={result['batch_size']} T={result['block_size']}, precision {result['precision']}, "
+          f"chunk_size {result['chunk_size']}")
+    print(f"{'steps':>5}  {'time s':>7}  {'tokens/s':>9}  {'teacher fwd ms':>14}  {'distill fwd+bwd ms':>18}  "
+          f"{'student ms':>10}")
+    print(f"{result['steps']:5d}  {result['time_s']:7.2f}  {result['tokens_per_s']:9.0f}  "
+          f"{result['teacher_fwd_ms']:14.1f}  {result['distill_fwd_bwd_ms']:18.1f}  {result['student_ms']:10.1f}")
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=SECTIONS, help="run one section (default: both)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda when available")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: torch's); on a CPU shared with another job, 1 avoids "
+                             "threads waiting on each other at every op")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to this JSON file")
+    kd = parser.add_argument_group("kd_memory")
+    kd.add_argument("--chunk-sizes", type=lambda text: [parse_chunk_size(c) for c in text.split(",")],
+                    default=[None, 256, 1024], help="comma-separated tokens per chunk; 'none' = unchunked "
+                                                    "(default: none,256,1024)")
+    kd.add_argument("--vocab-size", type=int, default=50257, help="default: GPT-2's vocabulary")
+    kd.add_argument("--seq-len", type=int, default=512)
+    kd.add_argument("--kd-batch-size", type=int, default=4)
+    kd.add_argument("--kd-dtype", choices=DTYPES, default="float32",
+                    help="dtype of both logits (the loss upcasts to fp32 inside)")
+    kd.add_argument("--repeats", type=int, default=1, help="timed forward+backward passes per chunk size")
+    kd.add_argument("--kd-worker", metavar="CHUNK", help=argparse.SUPPRESS)  # internal: one variant, prints JSON
+    tp = parser.add_argument_group("throughput")
+    tp.add_argument("--teacher", metavar="NAME_OR_PATH",
+                    help="teacher model (hub id, directory, .gguf or alias); default: the quickstart teacher")
+    tp.add_argument("--teacher-dtype", choices=DTYPES, default="float32")
+    tp.add_argument("--student", metavar="NAME_OR_PATH",
+                    help="student model; default: the quickstart student (random) with the teacher's tokenizer")
+    tp.add_argument("--keep-layers", type=lambda text: [int(i) for i in text.split(",")],
+                    help="comma-separated decoder layers of --student to keep, e.g. 0,6,12,18,24,29")
+    tp.add_argument("--chunk-size", type=parse_chunk_size, default=None,
+                    help="DistillModule's KD loss chunk size in tokens (default: none)")
+    tp.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    tp.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first (>= 1: step 1 pays set-up)")
+    tp.add_argument("--batch-size", type=int, default=16)
+    tp.add_argument("--block-size", type=int, default=128)
+    tp.add_argument("--precision", default="32-true", help="Lightning Trainer precision, e.g. bf16-mixed on GPUs")
+    args = parser.parse_args(argv)
+    if args.keep_layers and not args.student:
+        parser.error("--keep-layers applies to --student, which is not set")
+    if args.warmup_steps < 1 or args.steps < 1:
+        parser.error("--warmup-steps and --steps must be >= 1")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.kd_worker is not None:
+        print(json.dumps(kd_worker(args)))
+        return
+    if args.device == "cuda":
+        device = torch.cuda.get_device_name()
+    else:  # CPU timings swing with what else runs: the load average goes with them
+        device = (f"cpu ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads, "
+                  f"load average {os.getloadavg()[0]:.1f} at start")
+    print(f"torch {torch.__version__}, {device}\n")
+    results: dict = {"torch": torch.__version__, "device": device}
+    if args.only in (None, "kd_memory"):
+        results["kd_memory"] = kd_memory(args)
+        print_kd_memory(args, results["kd_memory"])
+        print()
+    if args.only in (None, "throughput"):
+        results["throughput"] = throughput(args)
+        print_throughput(results["throughput"])
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
