@@ -72,6 +72,9 @@ def test_seed_config_runs_on_local_directories(gpt2_dirs, tmp_path):
         "--trainer.default_root_dir", str(tmp_path),
         "--trainer.logger.init_args.save_dir", str(tmp_path),  # wandb in offline mode (conftest)
     ])
+    import wandb
+
+    wandb.finish()  # the logger leaves its run open; later tests must start their own
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 

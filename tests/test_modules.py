@@ -168,6 +168,10 @@ def test_loggers_write_offline(logger, tmp_path, tokenizer):
             "tensorboard": lambda: loggers.TensorBoardLogger(save_dir=str(tmp_path)),
             "csv": lambda: loggers.CSVLogger(save_dir=str(tmp_path))}[logger]
     fit(make_sft(), RaggedData(4, len(tokenizer)), logger=make(), max_steps=2, log_every_n_steps=1)
+    if logger == "wandb":
+        import wandb
+
+        wandb.finish()
     pattern = {"wandb": "wandb/offline-run-*/run-*.wandb", "tensorboard": "lightning_logs/*/events.out.tfevents.*",
                "csv": "lightning_logs/*/metrics.csv"}[logger]
     assert glob.glob(os.path.join(tmp_path, pattern))
