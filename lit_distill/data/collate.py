@@ -16,13 +16,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional, Sequence
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from lit_distill.data.text import SPLITS
 from lit_distill.rollout import left_pad
 
 log = logging.getLogger(__name__)
@@ -209,51 +206,3 @@ def holdout(items: list, split: str, validation_fraction: float) -> list:
     """One split of a single-file source: the first ``validation_fraction`` is validation, the rest train; no test."""
     num_validation = int(len(items) * validation_fraction)
     return {"train": items[num_validation:], "validation": items[:num_validation], "test": []}[split]
-
-
-class EncodedDataModule(L.LightningDataModule):
-    """Serves lists of encoded examples: subclasses implement ``build_split`` and ``collate_fn``.
-
-    Expects ``batch_size``, ``eval_batch_size``, ``num_workers`` and ``seed`` among the subclass's hparams.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.datasets: dict[str, list[dict]] = {}
-
-    def build_split(self, split: str) -> list[dict]:
-        """The encoded examples of ``split`` (one of :data:`SPLITS`)."""
-        raise NotImplementedError
-
-    def collate_fn(self, split: str) -> Callable[[list[dict]], dict]:
-        """The DataLoader ``collate_fn`` of ``split`` (a picklable callable, for worker processes)."""
-        raise NotImplementedError
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        wanted = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",),
-                  "predict": ("validation",)}.get(stage, SPLITS)
-        for split in wanted:
-            if split not in self.datasets:
-                self.datasets[split] = self.build_split(split)
-
-    def _loader(self, split: str, sampler: Optional[DistributedSampler] = None) -> DataLoader:
-        hp = self.hparams
-        batch_size = hp.batch_size if split == "train" else (hp.eval_batch_size or hp.batch_size)
-        return DataLoader(self.datasets[split], batch_size=batch_size, sampler=sampler, num_workers=hp.num_workers,
-                          collate_fn=self.collate_fn(split))
-
-    def train_dataloader(self) -> DataLoader:
-        # As in WikiTextDataModule: the order depends only on (seed, epoch), on any number of ranks.
-        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = DistributedSampler(self.datasets["train"], num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=self.hparams.seed)
-        return self._loader("train", sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("validation")

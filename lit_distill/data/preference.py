@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
 from lit_distill.data import corpus
+from lit_distill.data.base import EncodedDataModule
 from lit_distill.data.chat import format_prompt
-from lit_distill.data.collate import (EncodedDataModule, EncodingError, SkipLog, Truncation, collate_preference,
+from lit_distill.data.collate import (EncodingError, SkipLog, Truncation, collate_preference,
                                       encode_preference, holdout)
 from lit_distill.data.io import DataFileError, find_split_file, read_jsonl
 from lit_distill.data.squad import DEFAULT_PROMPT_TEMPLATE, SQuADDataModule, SQuADExample

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lit_distill.data import corpus
+from lit_distill.data.base import SPLITS, EncodedDataModule
 from lit_distill.data.chat import format_prompt
-from lit_distill.data.collate import (EncodedDataModule, EncodingError, SkipLog, TooLongError, Truncation, collate_sft,
+from lit_distill.data.collate import (EncodingError, SkipLog, TooLongError, Truncation, collate_sft,
                                       encode_pair, holdout)
 from lit_distill.data.io import DataFileError
-from lit_distill.data.text import SPLITS
 from lit_distill.models.loading import load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -5,16 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from lit_distill.data import corpus
+from lit_distill.data.base import SPLITS, EncodedDataModule
 from lit_distill.data.io import find_split_file, read_texts
 from lit_distill.models.loading import load_tokenizer
-
-SPLITS = ("train", "validation", "test")
-
 
 def keep_line(text: str, min_chars: int, drop_headings: bool) -> bool:
     """WikiText filter: drop empty/short lines and, optionally, ``= Heading =`` lines."""
@@ -46,7 +43,7 @@ class BlockDataset(Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-class WikiTextDataModule(L.LightningDataModule):
+class WikiTextDataModule(EncodedDataModule):
     """WikiText-2 language modelling, or the same shape from local files or the embedded corpus.
 
     ``source`` picks where texts come from:
@@ -74,7 +71,6 @@ class WikiTextDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer)
-        self.datasets: dict[str, BlockDataset] = {}
 
     def split_texts(self, split: str) -> list[str]:
         """The raw texts of one split, before filtering."""
@@ -111,32 +107,3 @@ class WikiTextDataModule(L.LightningDataModule):
                              f"{hp.min_chars} characters and packing into blocks of {hp.block_size} tokens "
                              f"({len(texts)} lines kept)")
         return BlockDataset(blocks)
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        wanted = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",),
-                  "predict": ("validation",)}.get(stage, SPLITS)
-        for split in wanted:
-            if split not in self.datasets:
-                self.datasets[split] = self.build_split(split)
-
-    def _loader(self, split: str, sampler: Optional[DistributedSampler] = None) -> DataLoader:
-        hp = self.hparams
-        batch_size = hp.batch_size if split == "train" else (hp.eval_batch_size or hp.batch_size)
-        return DataLoader(self.datasets[split], batch_size=batch_size, sampler=sampler, num_workers=hp.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        # The shuffle order is a function of (seed, epoch) only (Lightning calls set_epoch), so a run resumed
-        # from an epoch-end checkpoint sees the same batches as an uninterrupted one, on any number of ranks.
-        world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = DistributedSampler(self.datasets["train"], num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=self.hparams.seed)
-        return self._loader("train", sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("validation")

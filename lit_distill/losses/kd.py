@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_distill.losses.dtypes import compute_dtype
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 REDUCTIONS = ("mean", "sum")
 
@@ -43,14 +45,6 @@ def _check_divergence_args(divergence: str, temperature: float, beta: float) -> 
         raise ValueError(f"beta must be in [0, 1] for jsd, got {beta}")
     if divergence.startswith("skew") and not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1) for {divergence} (beta = 1 makes it identically 0), got {beta}")
-
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """fp32 for half-precision (and fp32) inputs; float64 stays float64 (for gradcheck)."""
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
 
 
 def _log_probs(logits: Tensor, temperature: float) -> Tensor:
@@ -123,7 +117,7 @@ def token_divergence(student_logits: Tensor, teacher_logits: Tensor, divergence:
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape (see align_vocab)")
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
     log_p_s = _log_probs(student_logits.to(dtype), temperature)
     log_p_t = _log_probs(teacher_logits.detach().to(dtype), temperature)
     return _divergence(log_p_s, log_p_t, divergence, beta)
@@ -260,7 +254,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, d
                          f"{tuple(teacher_logits.shape)} and labels {tuple(labels.shape)} must share the leading "
                          "(B, T) shape")
     student_logits, teacher_logits = align_vocab(student_logits, teacher_logits.detach(), vocab_size)
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
 
     mask = labels != ignore_index  # (B, T)
     num_tokens = mask.sum()

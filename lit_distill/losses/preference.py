@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_distill.losses.dtypes import compute_dtype
+
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -48,14 +50,6 @@ class RewardStats(NamedTuple):
     margin: Tensor
     chosen_mean: Tensor
     rejected_mean: Tensor
-
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """fp32 for half-precision (and fp32) inputs; float64 stays float64 (for gradcheck)."""
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
 
 
 def _reduce(losses: Tensor, reduction: str) -> Tensor:
@@ -123,7 +117,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, referen
     if len({tuple(x.shape) for x in inputs}) != 1:
         raise ValueError("policy_chosen_logps, policy_rejected_logps, reference_chosen_logps and "
                          f"reference_rejected_logps must have the same shape, got {[tuple(x.shape) for x in inputs]}")
-    dtype = _compute_dtype(*inputs)
+    dtype = compute_dtype(*inputs)
 
     chosen_logratios = policy_chosen_logps.to(dtype) - reference_chosen_logps.detach().to(dtype)  # (B,)
     rejected_logratios = policy_rejected_logps.to(dtype) - reference_rejected_logps.detach().to(dtype)  # (B,)
@@ -178,7 +172,7 @@ def reward_loss(chosen_scores: Tensor, rejected_scores: Tensor, margin: Optional
     if margin is not None and margin.shape != chosen_scores.shape:
         raise ValueError(f"margin {tuple(margin.shape)} must have the shape of chosen_scores "
                          f"{tuple(chosen_scores.shape)}")
-    dtype = _compute_dtype(chosen_scores, rejected_scores)
+    dtype = compute_dtype(chosen_scores, rejected_scores)
     chosen, rejected = chosen_scores.to(dtype), rejected_scores.to(dtype)  # (B,), (B,)
 
     difference = chosen - rejected  # (B,)
