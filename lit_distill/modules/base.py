@@ -56,8 +56,13 @@ class CausalLMModule(L.LightningModule):
         self._batch_start = 0.0
 
     # ---- optimisation -------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates: the trained model's parameters that require grad (modules with extra heads
+        add theirs)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def configure_optimizers(self):
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = self.trainable_parameters()
         if not trainable:
             raise ValueError("the model has no trainable parameters")
         optimizer = self.optimizer_factory(trainable)
@@ -93,7 +98,7 @@ class CausalLMModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._batch_start
-        tokens = batch["attention_mask"].sum().item()
+        tokens = sum(value.sum().item() for key, value in batch.items() if key.endswith("attention_mask"))
         self.log("perf/tokens_per_s", tokens / max(elapsed, 1e-9), on_step=True, on_epoch=False)
 
     # ---- generation -----------------------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+"""Scalar heads on causal LMs (reward models, value heads)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) hidden states entering the model's output head.
+
+    Captured with a pre-hook on ``get_output_embeddings()``, so it works for any causal LM with an output head
+    (HF models, peft-wrapped models, the pico models) without knowing where its decoder lives.
+    """
+    captured = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B,) index of each row's last real token, whatever the padding side.
+
+    Taken from the mask, never by searching for the pad id: with pad == eos that search would stop at the real
+    EOS (or before it).
+    """
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)  # (T,)
+    return (positions * attention_mask).argmax(-1)
+
+
+class ScalarHead(nn.Linear):
+    """hidden -> 1, initialised small (std 1/sqrt(H + 1), zero bias) so initial scores are near 0 and the
+    Bradley–Terry loss starts near log 2 (as in InstructGPT / TRL reward models)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size, 1)
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(self.bias)
+
+    def score(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H), (B, T) -> (B,) fp32 score read at the last real token."""
+        rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+        last = hidden_states[rows, last_token_index(attention_mask)]  # (B, H)
+        return self(last.to(self.weight.dtype)).squeeze(-1).float()

@@ -1,0 +1,147 @@
+"""Direct preference optimisation (Rafailov et al. 2023) and its variants (IPO, hinge, robust).
+
+The reference is, in order of preference for memory: reference log-probs precomputed once before training
+(``precompute_reference``; the reference model is then freed), the policy's LoRA base with the adapter disabled,
+a separate frozen model (``reference``), or a frozen copy of the initial policy. Dropout is off in both models
+(a stochastic policy log-prob biases the log-ratio), so the policy is kept in eval mode while it trains.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric
+
+from lit_distill.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logprobs_from_logits
+from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer
+from lit_distill.modules.base import CausalLMModule, causal_lm_logits, default_optimizer
+from lit_distill.optim import SchedulerCallable
+
+
+def pair_key(batch: dict, row: int) -> bytes:
+    """Identity of one pair: its unpadded chosen and rejected token ids (stable across epochs and ranks)."""
+    parts = []
+    for side in ("chosen", "rejected"):
+        ids = batch[f"{side}_input_ids"][row][batch[f"{side}_attention_mask"][row].bool()]
+        parts.append(ids.cpu().numpy().tobytes())
+    return b"|".join(parts)
+
+
+class DPOModule(CausalLMModule):
+    frozen_modules = ("reference",)
+
+    def __init__(self, policy: ModelSpec, reference: Optional[ModelSpec] = None, beta: float = 0.1,
+                 loss_type: str = "sigmoid", label_smoothing: float = 0.0, precompute_reference: bool = False,
+                 optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
+                 save_dir: Optional[str] = None, merge_lora: bool = False):
+        """
+        Args:
+            policy: the trained model (e.g. the SFT output); with ``lora`` set, the reference is its base model.
+            reference: a separate frozen reference; None uses the LoRA base or a frozen copy of the policy.
+            beta: DPO temperature β of the implicit reward β·log(π/π_ref).
+            loss_type: one of ``DPO_LOSS_TYPES``; ``ipo`` uses per-token mean log-probs (length-normalised).
+            label_smoothing: ε of conservative / robust DPO.
+            precompute_reference: compute every pair's reference log-probs once at fit start, then drop the
+                reference model.
+        """
+        super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"loss_type '{loss_type}' is not one of {DPO_LOSS_TYPES}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.tokenizer = load_tokenizer(policy.tokenizer or policy.name_or_path)
+        self.model = build_model(policy, self.tokenizer).eval()
+        self.uses_adapter_reference = reference is None and policy.lora is not None
+        self.reference = None
+        if reference is not None:
+            self.reference = build_model(reference, load_tokenizer(reference.tokenizer or reference.name_or_path))
+        elif not self.uses_adapter_reference:
+            self.reference = copy.deepcopy(self.model)
+        if self.reference is not None:
+            self.reference.eval().requires_grad_(False)
+        self.precomputed: dict[bytes, tuple[float, float]] = {}
+        self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric()
+
+    def train(self, mode: bool = True):
+        """Lightning switches modules to train mode; policy and reference stay in eval (no dropout)."""
+        super().train(mode)
+        self.model.eval()
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    # ---- log-probs ----------------------------------------------------------------------------------------
+    def sequence_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen and rejected (B,) log-probs from one (2B, T) forward; per-token means for IPO."""
+        input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
+        attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+        labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+        logps, counts = sequence_logprobs_from_logits(causal_lm_logits(model, input_ids, attention_mask), labels)
+        if self.hparams.loss_type == "ipo":
+            logps = logps / counts.clamp(min=1)
+        chosen, rejected = logps.chunk(2)
+        return chosen, rejected
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.precomputed:
+            values = torch.tensor([self.precomputed[pair_key(batch, row)] for row in range(len(batch["margin"]))],
+                                  device=self.device)  # (B, 2)
+            return values[:, 0], values[:, 1]
+        return self.live_reference_logps(batch)
+
+    @torch.no_grad()
+    def live_reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.uses_adapter_reference:
+            with self.model.disable_adapter():
+                return self.sequence_logps(self.model, batch)
+        return self.sequence_logps(self.reference, batch)
+
+    def on_fit_start(self) -> None:
+        if self.hparams.precompute_reference and not self.precomputed:
+            self.precompute_reference_logps()
+
+    @torch.no_grad()
+    def precompute_reference_logps(self) -> None:
+        """Every train and validation pair, on every rank (the sampler reshuffles pairs across ranks each epoch),
+        then the reference model is released."""
+        datamodule = self.trainer.datamodule
+        for split in ("train", "validation"):
+            loader = DataLoader(datamodule.datasets[split], batch_size=datamodule.hparams.batch_size,
+                                collate_fn=datamodule.collate_fn(split))
+            for batch in loader:
+                batch = {key: value.to(self.device) for key, value in batch.items()}
+                chosen, rejected = self.live_reference_logps(batch)
+                for row in range(len(chosen)):
+                    self.precomputed[pair_key(batch, row)] = (chosen[row].item(), rejected[row].item())
+        self.reference = None
+
+    # ---- steps --------------------------------------------------------------------------------------------
+    def preference_loss(self, batch: dict, reduction: str):
+        reference_chosen, reference_rejected = self.reference_logps(batch)
+        policy_chosen, policy_rejected = self.sequence_logps(self.model, batch)
+        loss, stats = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                               beta=self.hparams.beta, loss_type=self.hparams.loss_type,
+                               label_smoothing=self.hparams.label_smoothing, reduction=reduction)
+        return loss, stats, policy_chosen.detach(), policy_rejected.detach()
+
+    def training_step(self, batch, batch_idx):
+        loss_sum, stats, chosen, rejected = self.preference_loss(batch, reduction="sum")
+        num_pairs = torch.tensor(len(chosen), device=self.device)
+        self.log_dict({"train/loss": loss_sum.detach() / num_pairs, "dpo/rewards_chosen": stats.rewards_chosen.mean(),
+                       "dpo/rewards_rejected": stats.rewards_rejected.mean(), "dpo/accuracy": stats.accuracy,
+                       "dpo/margin": stats.margin.mean(), "dpo/logps_chosen": chosen.mean(),
+                       "dpo/logps_rejected": rejected.mean()})
+        return self.step_normalised(loss_sum, num_pairs)
+
+    def validation_step(self, batch, batch_idx):
+        loss, stats, _, _ = self.preference_loss(batch, reduction="mean")
+        pairs = len(batch["margin"])
+        self.val_accuracy.update(stats.accuracy, weight=pairs)
+        self.val_margin.update(stats.margin.mean(), weight=pairs)
+        self.log("val/loss", loss, batch_size=pairs, sync_dist=True)
+        self.log_dict({"val/accuracy": self.val_accuracy, "val/margin": self.val_margin}, prog_bar=True)
+

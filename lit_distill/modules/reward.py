@@ -1,0 +1,83 @@
+"""Reward modelling: a causal-LM backbone with a scalar head, trained with the Bradley–Terry loss on
+(prompt, chosen, rejected) pairs; the score is read at the last real token of each sequence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_only
+from torchmetrics import MeanMetric
+
+from lit_distill.losses import reward_loss
+from lit_distill.models.heads import ScalarHead, final_hidden_states
+from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer, save_pretrained
+from lit_distill.modules.base import CausalLMModule, default_optimizer
+from lit_distill.optim import SchedulerCallable
+
+SCORE_HEAD_FILE = "score_head.pt"
+
+
+class RewardModule(CausalLMModule):
+    def __init__(self, model: ModelSpec, center_coefficient: float = 0.0,
+                 optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
+                 save_dir: Optional[str] = None, merge_lora: bool = False):
+        """
+        Args:
+            model: the backbone (any causal LM; its output head is unused, the hidden states feed the score head).
+            center_coefficient: weight of Eisenstein et al.'s (r_c + r_r)² term that keeps rewards centred at 0.
+            save_dir: where the backbone (HF format) and ``score_head.pt`` are written at the end of training.
+        """
+        super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.tokenizer = load_tokenizer(model.tokenizer or model.name_or_path)
+        self.model = build_model(model, self.tokenizer).train()  # from_pretrained returns eval mode
+        self.score_head = ScalarHead(self.model.config.hidden_size)
+        self.val_accuracy, self.val_loss = MeanMetric(), MeanMetric()
+
+    def trainable_parameters(self):
+        return super().trainable_parameters() + list(self.score_head.parameters())
+
+    def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids and mask -> (B,) fp32 rewards."""
+        return self.score_head.score(final_hidden_states(self.model, input_ids, attention_mask), attention_mask)
+
+    def pair_loss(self, batch: dict, reduction: str):
+        """Chosen and rejected in one (2B, T) forward pass; returns ``reward_loss``'s (loss, stats)."""
+        input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
+        attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+        chosen, rejected = self.scores(input_ids, attention_mask).chunk(2)  # (B,), (B,)
+        return reward_loss(chosen, rejected, batch["margin"], center_coefficient=self.hparams.center_coefficient,
+                           reduction=reduction)
+
+    def training_step(self, batch, batch_idx):
+        loss_sum, stats = self.pair_loss(batch, reduction="sum")
+        num_pairs = torch.tensor(batch["margin"].shape[0], device=self.device)
+        self.log_dict({"train/loss": loss_sum.detach() / num_pairs, "reward/accuracy": stats.accuracy,
+                       "reward/margin": stats.margin, "reward/chosen": stats.chosen_mean,
+                       "reward/rejected": stats.rejected_mean})
+        return self.step_normalised(loss_sum, num_pairs)  # pairs, not tokens, are this loss's unit
+
+    def validation_step(self, batch, batch_idx):
+        loss, stats = self.pair_loss(batch, reduction="mean")
+        pairs = batch["margin"].shape[0]
+        self.val_loss.update(loss, weight=pairs)
+        self.val_accuracy.update(stats.accuracy, weight=pairs)
+        self.log_dict({"val/loss": self.val_loss, "val/accuracy": self.val_accuracy}, prog_bar=True)
+
+    @rank_zero_only
+    def save_pretrained(self, path: str) -> None:
+        """The backbone in HF format plus the score head, loadable with :func:`load_reward_model`."""
+        save_pretrained(self.model, self.tokenizer, path, merge_lora=self.merge_lora)
+        torch.save(self.score_head.state_dict(), Path(path) / SCORE_HEAD_FILE)
+
+
+def load_reward_model(path: str) -> tuple[torch.nn.Module, ScalarHead, object]:
+    """(backbone, score head, tokenizer) saved by ``RewardModule.save_pretrained``, in eval mode."""
+    tokenizer = load_tokenizer(path)
+    backbone = build_model(ModelSpec(name_or_path=path), tokenizer).eval()
+    head = ScalarHead(backbone.config.hidden_size)
+    head.load_state_dict(torch.load(Path(path) / SCORE_HEAD_FILE, weights_only=True))
+    return backbone, head.eval(), tokenizer
