@@ -113,3 +113,23 @@ def test_smollm2_distillation_lowers_student_perplexity(tmp_path):
     report = json.loads(next(tmp_path.rglob("distill_report.json")).read_text())
     assert report["student_ppl_after"] < report["student_ppl_before"]
     assert report["kd_divergence_after"] < report["kd_divergence_before"]
+
+
+def test_sft_reward_dpo_quickstarts_chain_through_saved_models(tmp_path):
+    """The three preference quickstarts, shortened, each consuming the previous stage's output by path."""
+    sft_dir, reward_dir = tmp_path / "sft", tmp_path / "reward"
+    short = ["--trainer.max_steps", "8", "--trainer.val_check_interval", "8", "--trainer.logger.init_args.save_dir",
+             str(tmp_path / "logs"), "--data.init_args.embedded_examples", "200",
+             "--data.init_args.max_examples", "{validation: 16}"]
+    LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/sft/quickstart.yaml"), *short,
+                        "--model.init_args.save_dir", str(sft_dir)])
+    LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/reward/quickstart.yaml"), *short,
+                        "--model.init_args.model.name_or_path", str(sft_dir),
+                        "--model.init_args.save_dir", str(reward_dir)])
+    LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/dpo/quickstart.yaml"), *short,
+                        "--model.init_args.policy.name_or_path", str(sft_dir),
+                        "--model.init_args.save_dir", str(tmp_path / "dpo")])
+    metrics = {path.parent.parent.name: path.read_text() for path in (tmp_path / "logs").rglob("metrics.csv")}
+    assert "val/exact_match" in metrics["sft_quickstart"] and "val/accuracy" in metrics["reward_quickstart"]
+    assert "val/margin" in metrics["dpo_quickstart"]
+    assert (reward_dir / "score_head.pt").exists() and (tmp_path / "dpo" / "model.safetensors").exists()

@@ -105,14 +105,21 @@ class CausalLMModule(L.LightningModule):
     predict_max_new_tokens = 32
 
     @torch.no_grad()
+    def greedy_completions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           max_new_tokens: int) -> list[str]:
+        """Greedy continuations of left-padded prompts (B, P), decoded up to EOS."""
+        rollout = generate(self.model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                           eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                           do_sample=False)
+        return [self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+                for ids, mask in zip(rollout.completions, rollout.completion_mask)]
+
     def predict_step(self, batch, batch_idx):
-        """Greedy continuation of every example of the batch (left-padded ``input_ids`` are the prompts)."""
-        rollout = generate(self.model, batch["input_ids"], batch["attention_mask"],
-                           max_new_tokens=self.predict_max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                           pad_token_id=self.tokenizer.pad_token_id, do_sample=False)
-        prompts = self.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
-        completions = [self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
-                       for ids, mask in zip(rollout.completions, rollout.completion_mask)]
+        """Greedy continuation of every example of the batch (its prompt when it has one, else its input ids)."""
+        input_ids = batch.get("prompt_input_ids", batch["input_ids"])
+        attention_mask = batch.get("prompt_attention_mask", batch["attention_mask"])
+        prompts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        completions = self.greedy_completions(input_ids, attention_mask, self.predict_max_new_tokens)
         return [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
 
     # ---- export -------------------------------------------------------------------------------------------

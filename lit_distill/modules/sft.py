@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from torchmetrics.text import Perplexity
+from torchmetrics.text import SQuAD, Perplexity
 
 from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer
 from lit_distill.modules.base import CausalLMModule, causal_lm_logits, default_optimizer
@@ -32,14 +32,21 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
 class SFTModule(CausalLMModule):
     """Cross-entropy training of one causal LM (pre-training on packed text or SFT on masked labels)."""
 
-    def __init__(self, model: ModelSpec, optimizer: OptimizerCallable = default_optimizer,
-                 lr_scheduler: Optional[SchedulerCallable] = None, save_dir: Optional[str] = None,
-                 merge_lora: bool = False):
+    def __init__(self, model: ModelSpec, eval_max_new_tokens: int = 16,
+                 optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
+                 save_dir: Optional[str] = None, merge_lora: bool = False):
+        """
+        Args:
+            model: the trained model.
+            eval_max_new_tokens: answer budget when evaluation batches carry prompts and gold answers (SQuAD):
+                greedy answers are then scored with exact match and F1.
+        """
         super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.tokenizer = load_tokenizer(model.tokenizer or model.name_or_path)
         self.model = build_model(model, self.tokenizer).train()  # from_pretrained returns eval mode
         self.ppl = Perplexity(ignore_index=-100)
+        self.squad = SQuAD()
 
     def training_step(self, batch, batch_idx):
         logits = causal_lm_logits(self.model, batch["input_ids"], batch["attention_mask"])
@@ -59,3 +66,23 @@ class SFTModule(CausalLMModule):
         self.ppl(logits[:, :-1].float(), batch["labels"][:, 1:])
         self.log(f"{stage}/loss", loss_sum / num_tokens.clamp(min=1), batch_size=int(num_tokens), sync_dist=True)
         self.log(f"{stage}/ppl", self.ppl, prog_bar=True)
+        if "answers" in batch:
+            predictions = self.greedy_completions(batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                                                  self.hparams.eval_max_new_tokens)
+            self.squad.update(
+                [{"prediction_text": text, "id": id_} for text, id_ in zip(predictions, batch["ids"])],
+                [{"answers": {"text": list(answers), "answer_start": [0] * len(answers)}, "id": id_}
+                 for answers, id_ in zip(batch["answers"], batch["ids"])])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_answer_quality("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_answer_quality("test")
+
+    def log_answer_quality(self, stage: str) -> None:
+        """SQuAD exact match and F1 (percentages) over the epoch's generated answers, when there were any."""
+        if self.squad.update_count:
+            scores = self.squad.compute()
+            self.log_dict({f"{stage}/exact_match": scores["exact_match"], f"{stage}/f1": scores["f1"]}, prog_bar=True)
+        self.squad.reset()
