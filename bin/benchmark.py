@@ -1,9 +1,11 @@
-"""Benchmark the KD loss's peak memory and DistillModule's training throughput; prints a table per section.
+"""Benchmark the KD loss's peak memory, DistillModule's training throughput and the preference modules' training
+throughput; prints a table per section.
 
-    python bin/benchmark.py                                   # both sections, defaults (~1 min on 2 CPU cores)
+    python bin/benchmark.py                                   # every section, defaults (~2 min on 2 CPU cores)
     python bin/benchmark.py --only kd_memory --chunk-sizes none,128,512 --json /tmp/bench.json
     python bin/benchmark.py --only throughput --device cuda --precision bf16-mixed --teacher smollm2-135m-instruct \\
         --student smollm2-135m-instruct --keep-layers 0,6,12,18,24,29 --batch-size 8 --chunk-size 1024
+    python bin/benchmark.py --only preference --pref-steps 10 --pref-examples 400
 
 kd_memory: forward + backward of ``kd_loss(..., reduction="mean")`` (forward KL, alpha 0.5) on random (B, T, V)
 student and teacher logits, the student's with requires_grad, once per chunk size, each in a fresh subprocess
@@ -34,6 +36,17 @@ batch outside the Trainer (medians of 5): teacher fwd ms, the teacher's no-grad 
 Defaults: teacher = the shipped ``lit-distill/tiny-teacher`` if it has been built, else a random model of its shape
 (``configs/teacher/quickstart.yaml``); student = the student of ``configs/quickstart.yaml``.
 
+preference: a Lightning Trainer fits RewardModule, then DPOModule with a live reference (a frozen copy of the policy,
+``precompute_reference=False``), then DPOModule with ``precompute_reference=True`` (reference log-probs of every
+train and validation pair computed once at fit start, then the reference is freed), each for ``--pref-warmup-steps``
++ ``--pref-steps`` optimizer steps on ``SQuADPreferenceDataModule(source="embedded",
+embedded_examples=--pref-examples, batch_size=--pref-batch-size, max_length=128)``, logger and validation off.
+steps/s and pairs/s (pairs = steps * batch) are over the wall time of the last ``--pref-steps`` steps (data, chosen
+and rejected forwards, reference forward when live, backward, clipping, AdamW); setup s is the time from fit start
+to the first training batch (for the precomputed variant, mostly the reference pass over every pair). Model: a random
+Llama of the tiny teacher's shape (``configs/teacher/quickstart.yaml``: hidden 128, 4 layers) with
+``lit-distill/tokenizer``, the same initial weights for every variant.
+
 Timings depend on everything else the machine runs; report the hardware and its load with them. On a CPU shared
 with another job, ``--threads 1`` keeps torch's threads from waiting on each other (descheduled) at every op.
 """
@@ -56,7 +69,7 @@ import torch
 from lit_distill.losses import kd_loss
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-SECTIONS = ("kd_memory", "throughput")
+SECTIONS = ("kd_memory", "throughput", "preference")
 DTYPES = ("float32", "bfloat16", "float16")  # torch attribute names, as ModelSpec.dtype
 MIB = 2 ** 20
 
@@ -174,30 +187,34 @@ def model_specs(args: argparse.Namespace) -> tuple:
     return teacher, student
 
 
-def throughput(args: argparse.Namespace) -> dict:
-    # Imported here, not at the top, so that the kd_memory workers load only torch.
+def quiet_lightning() -> None:
+    """Silence Lightning's banners and the warnings the benchmarked set-ups raise by design."""
     import logging
     import warnings
 
-    import lightning as L
     from transformers.utils import logging as transformers_logging
 
-    from lit_distill.data import WikiTextDataModule
-    from lit_distill.models.loading import count_parameters
-    from lit_distill.modules import DistillModule
-    from lit_distill.modules.base import causal_lm_logits
-
-    device = torch.device(args.device)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # accelerator banners and tips
     transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the frozen teacher, by design
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # frozen models, by design
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # inside Lightning
 
-    class StepTimer(L.Callback):
-        """Wall time from the end of optimizer step ``warmup`` to the end of the last one."""
 
-        def __init__(self, warmup: int):
-            self.warmup, self.start, self.end = warmup, 0.0, 0.0
+def step_timer(device: torch.device, warmup: int):
+    """A Lightning callback timing optimizer steps ``warmup`` + 1 .. last (``end - start``), and the set-up from fit
+    start to the first training batch (``setup_s``)."""
+    import lightning as L
+
+    class StepTimer(L.Callback):
+        def __init__(self):
+            self.warmup, self.start, self.end, self.fit_start, self.setup_s = warmup, 0.0, 0.0, 0.0, 0.0
+
+        def on_fit_start(self, trainer, pl_module):  # callbacks run before the module's own on_fit_start
+            self.fit_start = time.perf_counter()
+
+        def on_train_start(self, trainer, pl_module):
+            synchronize(device)
+            self.setup_s = time.perf_counter() - self.fit_start
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             synchronize(device)
@@ -205,12 +222,26 @@ def throughput(args: argparse.Namespace) -> dict:
                 self.start = time.perf_counter()
             self.end = time.perf_counter()
 
+    return StepTimer()
+
+
+def throughput(args: argparse.Namespace) -> dict:
+    # Imported here, not at the top, so that the kd_memory workers load only torch.
+    import lightning as L
+
+    from lit_distill.data import WikiTextDataModule
+    from lit_distill.models.loading import count_parameters
+    from lit_distill.modules import DistillModule
+    from lit_distill.modules.base import causal_lm_logits
+
+    device = torch.device(args.device)
+    quiet_lightning()
     L.seed_everything(0, verbose=False)
     teacher, student = model_specs(args)
     module = DistillModule(student=student, teacher=teacher, chunk_size=args.chunk_size)
     data = WikiTextDataModule(source="embedded", tokenizer=student.tokenizer or student.name_or_path,
                               block_size=args.block_size, batch_size=args.batch_size)
-    timer = StepTimer(args.warmup_steps)
+    timer = step_timer(device, args.warmup_steps)
     trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=args.precision,
                         max_steps=args.warmup_steps + args.steps, gradient_clip_val=1.0,  # as the shipped configs
                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
@@ -263,10 +294,61 @@ def print_throughput(result: dict) -> None:
           f"{result['teacher_fwd_ms']:14.1f}  {result['distill_fwd_bwd_ms']:18.1f}  {result['student_ms']:10.1f}")
 
 
+# ---- preference -----------------------------------------------------------------------------------------------
+def preference(args: argparse.Namespace) -> dict:
+    import lightning as L
+    import yaml
+
+    from lit_distill.data import SQuADPreferenceDataModule
+    from lit_distill.models.loading import ModelSpec, count_parameters
+    from lit_distill.modules import DPOModule, RewardModule
+
+    device = torch.device(args.device)
+    quiet_lightning()
+    shape = yaml.safe_load((CONFIGS / "teacher" / "quickstart.yaml").read_text())["model"]["init_args"]["model"]
+    spec = ModelSpec(config=shape["config"], tokenizer="lit-distill/tokenizer")
+    data = SQuADPreferenceDataModule(source="embedded", tokenizer="lit-distill/tokenizer",
+                                     embedded_examples=args.pref_examples, batch_size=args.pref_batch_size,
+                                     max_length=128)
+    variants = {"RewardModule": lambda: RewardModule(model=spec),
+                "DPOModule live reference": lambda: DPOModule(policy=spec, precompute_reference=False),
+                "DPOModule precomputed reference": lambda: DPOModule(policy=spec, precompute_reference=True)}
+    steps = args.pref_steps
+    rows, params = [], 0
+    for name, make in variants.items():
+        L.seed_everything(0, verbose=False)  # the same initial weights and pair order for every variant
+        module = make()
+        params = count_parameters(module.model)
+        timer = step_timer(device, args.pref_warmup_steps)
+        trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                            precision=args.precision, max_steps=args.pref_warmup_steps + steps, gradient_clip_val=1.0,
+                            limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+        trainer.fit(module, datamodule=data)
+        if trainer.global_step != args.pref_warmup_steps + steps:
+            raise RuntimeError(f"{name}: the epoch ended after {trainer.global_step} steps; raise --pref-examples")
+        train_s = timer.end - timer.start
+        rows.append({"module": name, "steps": steps, "time_s": train_s, "steps_per_s": steps / train_s,
+                     "pairs_per_s": steps * args.pref_batch_size / train_s, "setup_s": timer.setup_s})
+    return {"model": "random llama (tiny teacher shape)", "params": params, "vocab_size": len(data.tokenizer),
+            "batch_size": args.pref_batch_size, "max_length": 128, "train_pairs": len(data.datasets["train"]),
+            "precision": str(args.precision), "rows": rows}
+
+
+def print_preference(result: dict) -> None:
+    print(f"Preference training, {result['model']} ({result['params']:,} params), V={result['vocab_size']}, "
+          f"B={result['batch_size']} pairs, max_length {result['max_length']}, {result['train_pairs']} train pairs "
+          f"(embedded SQuAD), precision {result['precision']}")
+    print(f"{'module':<32}  {'steps':>5}  {'time s':>7}  {'steps/s':>7}  {'pairs/s':>8}  {'setup s':>7}")
+    for row in result["rows"]:
+        print(f"{row['module']:<32}  {row['steps']:5d}  {row['time_s']:7.2f}  {row['steps_per_s']:7.2f}  "
+              f"{row['pairs_per_s']:8.1f}  {row['setup_s']:7.2f}")
+
+
 # ---- command line ---------------------------------------------------------------------------------------------
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=SECTIONS, help="run one section (default: both)")
+    parser.add_argument("--only", choices=SECTIONS, help="run one section (default: all)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="default: cuda when available")
     parser.add_argument("--threads", type=int,
@@ -299,7 +381,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     tp.add_argument("--batch-size", type=int, default=16)
     tp.add_argument("--block-size", type=int, default=128)
     tp.add_argument("--precision", default="32-true", help="Lightning Trainer precision, e.g. bf16-mixed on GPUs")
+    pref = parser.add_argument_group("preference (also uses --precision)")
+    pref.add_argument("--pref-steps", type=int, default=6, help="timed optimizer steps per module")
+    pref.add_argument("--pref-warmup-steps", type=int, default=2, help="untimed steps first (>= 1)")
+    pref.add_argument("--pref-batch-size", type=int, default=16, help="pairs per batch")
+    pref.add_argument("--pref-examples", type=int, default=200,
+                      help="embedded SQuAD training examples (enough for warm-up + timed steps in one epoch)")
     args = parser.parse_args(argv)
+    if args.pref_warmup_steps < 1 or args.pref_steps < 1:
+        parser.error("--pref-warmup-steps and --pref-steps must be >= 1")
     if args.keep_layers and not args.student:
         parser.error("--keep-layers applies to --student, which is not set")
     if args.warmup_steps < 1 or args.steps < 1:
@@ -328,6 +418,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.only in (None, "throughput"):
         results["throughput"] = throughput(args)
         print_throughput(results["throughput"])
+        print()
+    if args.only in (None, "preference"):
+        results["preference"] = preference(args)
+        print_preference(results["preference"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")

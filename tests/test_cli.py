@@ -133,3 +133,14 @@ def test_sft_reward_dpo_quickstarts_chain_through_saved_models(tmp_path):
     assert "val/exact_match" in metrics["sft_quickstart"] and "val/accuracy" in metrics["reward_quickstart"]
     assert "val/margin" in metrics["dpo_quickstart"]
     assert (reward_dir / "score_head.pt").exists() and (tmp_path / "dpo" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("pico", ["transformer", "lstm", "kgram"])
+def test_pico_quickstarts_distil_the_teacher(pico, tmp_path):
+    LitDistillCLI(args=["fit", "--config", str(ROOT / f"configs/pico/{pico}.yaml"), "--trainer.max_steps", "40",
+                        "--trainer.val_check_interval", "40", "--data.init_args.embedded_documents", "400",
+                        "--trainer.logger.init_args.save_dir", str(tmp_path),
+                        "--model.init_args.save_dir", str(tmp_path / "student")])
+    report = json.loads(next(tmp_path.rglob("distill_report.json")).read_text())
+    assert report["student_ppl_after"] < 0.2 * report["student_ppl_before"]
+    assert report["kd_divergence_after"] < report["kd_divergence_before"]

@@ -132,3 +132,18 @@ def test_dpo_module_matches_the_loss_function_on_its_own_log_probs():
     expected, _ = dpo_loss(chosen, rejected, reference_chosen, reference_rejected, beta=0.2, loss_type="ipo")
     torch.testing.assert_close(loss, expected)
     assert loss.item() != pytest.approx((1 / (2 * 0.2)) ** 2)  # the perturbation moved the log-ratios
+
+
+@pytest.mark.parametrize("model_type", ["pico_transformer", "pico_lstm", "pico_kgram"])
+def test_reward_and_dpo_run_with_pico_models(model_type):
+    spec = ModelSpec(config={"model_type": model_type, "hidden_size": 32, "num_hidden_layers": 1},
+                     tokenizer=TOKENIZER)
+    data = preference_data()
+    torch.manual_seed(0)
+    reward = RewardModule(model=spec)
+    fit(reward, data, max_steps=1, limit_val_batches=1)
+    dpo = DPOModule(policy=spec)
+    with torch.no_grad():
+        loss, _, _, _ = dpo.preference_loss(first_batch(data), reduction="mean")
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    fit(dpo, data, max_steps=1, limit_val_batches=1)
