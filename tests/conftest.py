@@ -10,9 +10,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lit_distill.models.loading import load_tokenizer
+from lit_distill.rollout import position_ids_from_mask
 
 TOKENIZER = "lit-distill/tokenizer"
 
@@ -28,6 +30,18 @@ def tiny_llama(vocab_size: int, layers: int = 2, hidden: int = 32, seed: int = 0
 def tiny_gpt2(vocab_size: int, layers: int = 2, hidden: int = 32, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256))
+
+
+def greedy_reference(model, input_ids, attention_mask, steps):
+    """Greedy decoding without a KV cache (a full forward per step), ignoring EOS: (B, steps) tokens."""
+    prompt_length = input_ids.size(1)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids_from_mask(attention_mask)).logits[:, -1]
+            input_ids = torch.cat([input_ids, logits.argmax(-1, keepdim=True)], dim=1)
+            attention_mask = F.pad(attention_mask, (0, 1), value=1)
+    return input_ids[:, prompt_length:]
 
 
 @pytest.fixture(scope="session")

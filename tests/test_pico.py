@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from conftest import greedy_reference
 from lit_distill.models.loading import LoRASpec, ModelSpec, apply_lora, build_model, keep_decoder_layers
 from lit_distill.models.pico import (PicoKGramCache, PicoKGramConfig, PicoKGramForCausalLM, PicoLSTMForCausalLM, PicoLSTMState,
                                      PicoTransformerConfig, PicoTransformerForCausalLM)
@@ -60,18 +61,6 @@ def model(name, tokenizer):
 @pytest.fixture(scope="module")
 def batch(tokenizer):
     return left_pad([tokenizer.encode(text) for text in TEXTS], tokenizer.pad_token_id)
-
-
-def greedy_reference(model, input_ids, attention_mask, steps):
-    """Greedy decoding without any cache: the full sequence is recomputed at every step (B, steps)."""
-    prompt_length = input_ids.size(1)
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids_from_mask(attention_mask)).logits[:, -1]
-            input_ids = torch.cat([input_ids, logits.argmax(-1, keepdim=True)], dim=1)
-            attention_mask = F.pad(attention_mask, (0, 1), value=1)
-    return input_ids[:, prompt_length:]
 
 
 def greedy(model, input_ids, attention_mask, steps, eos=NO_EOS, pad=1):

@@ -1,8 +1,8 @@
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from conftest import greedy_reference
 from lit_distill.rollout import Rollout, generate, left_pad, position_ids_from_mask, sequence_logprobs
 
 VOCAB = 64
@@ -34,18 +34,6 @@ def llama():
 @pytest.fixture(scope="module")
 def batch():
     return left_pad(PROMPTS, PAD)
-
-
-def greedy_reference(model, input_ids, attention_mask, steps):
-    """Greedy decoding without a KV cache (a full forward per step), ignoring EOS: (B, steps) tokens."""
-    prompt_length = input_ids.size(1)
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids_from_mask(attention_mask)).logits[:, -1]
-            input_ids = torch.cat([input_ids, logits.argmax(-1, keepdim=True)], dim=1)
-            attention_mask = F.pad(attention_mask, (0, 1), value=1)
-    return input_ids[:, prompt_length:]
 
 
 def sample(model, batch, **kwargs):
