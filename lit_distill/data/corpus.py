@@ -13,6 +13,7 @@ Uses:
   * :func:`qa_examples`: SQuAD-shaped extractive QA (context, question, answer span), also the raw material
     for preference pairs (corrupt the gold answer to get a rejected one);
   * :func:`arithmetic_problems`: prompts with a checkable answer, for RL with verifiable rewards;
+  * :func:`arithmetic_statements`: the documents' sums cut before the result, raw text with a checkable answer;
   * :func:`default_tokenizer_path`: the byte-level BPE tokenizer trained on this corpus by
     ``bin/train_tokenizer.py`` and shipped with the package.
 
@@ -257,6 +258,11 @@ def _check_count(count: int, what: str) -> None:
         raise ValueError(f"{what} must be >= 0, got {count}")
 
 
+def _check_max_operand(max_operand: int) -> None:
+    if max_operand < 1:
+        raise ValueError(f"max_operand must be >= 1, got {max_operand}")
+
+
 def text_documents(num_documents: int, seed: int = 0) -> list[str]:
     """Paragraphs of 3-8 sentences about one or two people; about a fifth end with one or two sums.
 
@@ -316,8 +322,7 @@ def arithmetic_problems(num_problems: int, seed: int = 0, max_operand: int = 20)
         ``num_problems`` problems with ids ``"arith-{seed}-{i}"`` and decimal-string answers.
     """
     _check_count(num_problems, "num_problems")
-    if max_operand < 1:
-        raise ValueError(f"max_operand must be >= 1, got {max_operand}")
+    _check_max_operand(max_operand)
     world = World(seed)
     problems = []
     for i in range(num_problems):
@@ -325,6 +330,33 @@ def arithmetic_problems(num_problems: int, seed: int = 0, max_operand: int = 20)
         prompt = world.rng.choice(ARITHMETIC_PROMPTS).format(a=a, op=op, b=b)
         problems.append(ArithmeticProblem(f"arith-{seed}-{i}", prompt, str(result)))
     return problems
+
+
+def arithmetic_statements(num_statements: int, seed: int = 0,
+                          max_operand: int = DOCUMENT_MAX_OPERAND) -> list[ArithmeticProblem]:
+    """Sums in the digit style of :func:`text_documents`, cut before the result: ``"7 plus 5 is"`` -> ``"12"``.
+
+    The prompt is raw text to continue (no question, no chat turn); in the documents it continues with
+    ``" 12."``. Both document templates are used (``"... is"``, ``"... makes"``).
+
+    Args:
+        num_statements: how many statements to generate.
+        seed: seed of the generator. Asking for more statements only appends to the list.
+        max_operand: largest operand; documents use at most :data:`DOCUMENT_MAX_OPERAND`.
+
+    Returns:
+        ``num_statements`` problems with ids ``"stmt-{seed}-{i}"`` and decimal-string answers.
+    """
+    _check_count(num_statements, "num_statements")
+    _check_max_operand(max_operand)
+    world = World(seed)
+    statements = []
+    for i in range(num_statements):
+        a, op, b, result = world.arithmetic(max_operand)
+        template = world.rng.choice(ARITHMETIC_TEMPLATES)
+        prompt = template[:template.index(" {result}")].format(a=a, op=op, b=b)
+        statements.append(ArithmeticProblem(f"stmt-{seed}-{i}", prompt, str(result)))
+    return statements
 
 
 def default_tokenizer_path() -> str:

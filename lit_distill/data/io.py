@@ -18,6 +18,13 @@ class DataFileError(ValueError):
 def read_jsonl(path: str | Path, required: Iterable[str] = (), strings: Iterable[str] = ()) -> list[dict]:
     """Parse a JSON-lines file; blank lines are skipped, every other line must be an object with ``required``
     fields, of which those in ``strings`` must hold strings."""
+    return [row for _, row in read_numbered_jsonl(path, required, strings)]
+
+
+def read_numbered_jsonl(path: str | Path, required: Iterable[str] = (),
+                        strings: Iterable[str] = ()) -> list[tuple[int, dict]]:
+    """:func:`read_jsonl` with each row's 1-based line number in the file (blank lines counted), for callers that
+    validate further and must name the line: ``[(line_number, row), ...]``."""
     path = _existing(path)
     required = tuple(required)
     rows = []
@@ -38,7 +45,7 @@ def read_jsonl(path: str | Path, required: Iterable[str] = (), strings: Iterable
                 if not isinstance(row[name], str):
                     raise DataFileError(f"{path}:{line_number}: field '{name}' must be a string, "
                                         f"got {type(row[name]).__name__}")
-            rows.append(row)
+            rows.append((line_number, row))
     return rows
 
 
