@@ -14,10 +14,9 @@ from torchmetrics import MeanMetric
 from lit_distill.losses import reward_loss
 from lit_distill.models.heads import ScalarHead, final_hidden_states
 from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer, save_pretrained
+from lit_distill.models.reward_model import SCORE_HEAD_FILE, load_reward_model
 from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
-
-SCORE_HEAD_FILE = "score_head.pt"
 
 
 class RewardModule(CausalLMModule):
@@ -74,10 +73,4 @@ class RewardModule(CausalLMModule):
         torch.save(self.score_head.state_dict(), Path(path) / SCORE_HEAD_FILE)
 
 
-def load_reward_model(path: str) -> tuple[torch.nn.Module, ScalarHead, object]:
-    """(backbone, score head, tokenizer) saved by ``RewardModule.save_pretrained``, in eval mode."""
-    tokenizer = load_tokenizer(path)
-    backbone = build_model(ModelSpec(name_or_path=path), tokenizer).eval()
-    head = ScalarHead(backbone.config.hidden_size)
-    head.load_state_dict(torch.load(Path(path) / SCORE_HEAD_FILE, weights_only=True))
-    return backbone, head.eval(), tokenizer
+__all__ = ["RewardModule", "load_reward_model"]
