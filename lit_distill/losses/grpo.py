@@ -36,6 +36,18 @@ class GRPOStats(NamedTuple):
     approx_kl: Tensor
 
 
+def grpo_denominator(mask: Tensor, loss_type: str, max_completion_length: Optional[int] = None) -> Tensor:
+    """A micro-batch's share of the step's denominator (see ``grpo_loss``); it depends only on the (B, N) mask, so
+    the step's total is known before any forward pass."""
+    if loss_type == "grpo":
+        return (mask.sum(-1) > 0).float().sum()
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
+        return torch.tensor(float(mask.size(0) * max_completion_length), device=mask.device)
+    return mask.float().sum()
+
+
 def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
               loss_type: str = "dapo", clip_eps: float = 0.2, clip_eps_high: Optional[float] = None,
               beta: float = 0.0, ref_logprobs: Optional[Tensor] = None,
@@ -76,17 +88,11 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
     kl = kl_estimate(logprobs, ref_logprobs, "k3") if ref_logprobs is not None else torch.zeros_like(per_token)
     per_token = (per_token + beta * kl) * mask
 
-    lengths = mask.sum(-1)  # (B,)
+    denominator = grpo_denominator(mask, loss_type, max_completion_length)
     if loss_type == "grpo":
-        numerator = (per_token.sum(-1) / lengths.clamp(min=1)).sum()
-        denominator = (lengths > 0).float().sum()
-    elif loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
-        numerator = per_token.sum()
-        denominator = torch.tensor(float(mask.size(0) * max_completion_length))
+        numerator = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
     else:
-        numerator, denominator = per_token.sum(), lengths.sum()
+        numerator = per_token.sum()
     stats = GRPOStats(kl=masked_mean(kl.detach(), mask), clip_ratio=policy_stats.clipfrac,
                       approx_kl=policy_stats.approx_kl)
     return numerator, denominator, stats
