@@ -1,11 +1,12 @@
-"""Benchmark the KD loss's peak memory, DistillModule's training throughput and the preference modules' training
-throughput; prints a table per section.
+"""Benchmark the KD loss's peak memory, DistillModule's training throughput, the preference modules' training
+throughput and the sampling engine's throughput; prints a table per section.
 
-    python bin/benchmark.py                                   # every section, defaults (~2 min on 2 CPU cores)
+    python bin/benchmark.py                                   # every section, defaults (~3 min on 2 CPU cores)
     python bin/benchmark.py --only kd_memory --chunk-sizes none,128,512 --json /tmp/bench.json
     python bin/benchmark.py --only throughput --device cuda --precision bf16-mixed --teacher smollm2-135m-instruct \\
         --student smollm2-135m-instruct --keep-layers 0,6,12,18,24,29 --batch-size 8 --chunk-size 1024
     python bin/benchmark.py --only preference --pref-steps 10 --pref-examples 400
+    python bin/benchmark.py --only rollout --threads 1 --rollout-models tiny,llama,pico
 
 kd_memory: forward + backward of ``kd_loss(..., reduction="mean")`` (forward KL, alpha 0.5) on random (B, T, V)
 student and teacher logits, the student's with requires_grad, once per chunk size, each in a fresh subprocess
@@ -47,6 +48,21 @@ to the first training batch (for the precomputed variant, mostly the reference p
 Llama of the tiny teacher's shape (``configs/teacher/quickstart.yaml``: hidden 128, 4 layers) with
 ``lit-distill/tokenizer``, the same initial weights for every variant.
 
+rollout: sampling throughput of ``lit_distill.rollout.generate`` against Hugging Face ``model.generate`` on the same
+random-weight model and the same left-padded batch (``--rollout-batch-size`` prompts of ``--prompt-len`` // 2 ..
+``--prompt-len`` random tokens), multinomial sampling at temperature 1 without top-k / top-p, at most
+``--new-tokens`` new tokens each. Two scenarios: "no eos", EOS disabled (``eos_token_id=[]`` for ours,
+``min_new_tokens=--new-tokens`` for HF's), so both produce exactly B * N tokens; "eos", the last V /
+``--eos-fraction`` token ids are EOS ids, so completions end after about ``--eos-fraction`` tokens with geometric
+spread, like RL completions of varied length (the two engines draw different random streams, hence different
+lengths: compare tokens/s). Ours also records the sampled tokens' log-probs; HF's returns the tokens only.
+tokens/s = completion tokens (up to and including EOS) / wall time of one call, median over ``--rollout-repeats``
+calls (after one untimed call each, calls alternating between the engines); ours s / HF s: median time per call;
+speed-up = our tokens/s / HF's. Models (``--rollout-models``): ``tiny`` (Llama of the quickstart student's shape:
+hidden 64, 2 layers, vocab 1024), ``llama`` (hidden 256, 4 layers, 4 heads, vocab 1024), ``pico``
+(``pico_transformer`` of the same shape) and, when asked for (slow on a CPU), ``gpt2`` (GPT-2 small's shape:
+hidden 768, 12 layers, vocab 50257).
+
 Timings depend on everything else the machine runs; report the hardware and its load with them. On a CPU shared
 with another job, ``--threads 1`` keeps torch's threads from waiting on each other (descheduled) at every op.
 """
@@ -69,7 +85,7 @@ import torch
 from lit_distill.losses import kd_loss
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-SECTIONS = ("kd_memory", "throughput", "preference")
+SECTIONS = ("kd_memory", "throughput", "preference", "rollout")
 DTYPES = ("float32", "bfloat16", "float16")  # torch attribute names, as ModelSpec.dtype
 MIB = 2 ** 20
 
@@ -345,6 +361,110 @@ def print_preference(result: dict) -> None:
               f"{row['pairs_per_s']:8.1f}  {row['setup_s']:7.2f}")
 
 
+# ---- rollout --------------------------------------------------------------------------------------------------
+ROLLOUT_MODELS = ("tiny", "llama", "pico", "gpt2")
+DEFAULT_ROLLOUT_MODELS = ["tiny", "llama", "pico"]  # gpt2 takes minutes per engine on a CPU
+
+
+def rollout_model(name: str):
+    """A random-weight causal LM in eval mode (see the module docstring for the shapes)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from lit_distill.models.pico import (
+        PicoTransformerConfig,
+        PicoTransformerForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    if name == "tiny":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=192,
+                                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512))
+    elif name == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688,
+                                             num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=512))
+    elif name == "pico":
+        model = PicoTransformerForCausalLM(PicoTransformerConfig(vocab_size=1024, hidden_size=256,
+                                                                 num_hidden_layers=4, num_attention_heads=4))
+    else:
+        model = GPT2LMHeadModel(GPT2Config())
+    return model.eval()
+
+
+def rollout_engines(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, new: int, eos: list[int]) -> dict:
+    """``{"ours": run, "hf": run}``: ``run(seed)`` samples one batch and returns its number of completion tokens
+    (up to and including EOS). Without ``eos``, HF's ``min_new_tokens`` keeps it from stopping."""
+    from lit_distill.rollout import generate
+
+    def ours(seed: int) -> int:
+        rollout = generate(model, input_ids, attention_mask, max_new_tokens=new, eos_token_id=eos, pad_token_id=0,
+                           generator=torch.Generator(input_ids.device).manual_seed(seed))
+        return int(rollout.completion_lengths.sum())
+
+    def hf(seed: int) -> int:
+        torch.manual_seed(seed)
+        completions = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                                     max_new_tokens=new, min_new_tokens=0 if eos else new, top_k=0, top_p=1.0,
+                                     temperature=1.0, eos_token_id=eos or 1, pad_token_id=0)[:, input_ids.size(1):]
+        ended = torch.isin(completions, torch.tensor(eos, device=completions.device))  # (B, N)
+        lengths = torch.where(ended.any(-1), ended.int().argmax(-1) + 1, completions.size(1))  # (B,)
+        return int(lengths.sum())
+
+    return {"ours": ours, "hf": hf}
+
+
+def rollout(args: argparse.Namespace) -> dict:
+    from lit_distill.models.loading import count_parameters
+
+    device, dtype = torch.device(args.device), getattr(torch, args.rollout_dtype)
+    batch, prompt_len, new = args.rollout_batch_size, args.prompt_len, args.new_tokens
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(prompt_len // 2, prompt_len + 1, (batch,), generator=generator)  # (B,)
+    attention_mask = (torch.arange(prompt_len) >= prompt_len - lengths[:, None]).long().to(device)  # (B, P)
+    input_ids = torch.randint(3, 1024, (batch, prompt_len), generator=generator).to(device) * attention_mask
+    rows = []
+    for name in args.rollout_models:
+        model = rollout_model(name).to(device, dtype)
+        vocab = model.config.vocab_size
+        # "eos": the last V / eos_fraction ids end a completion, about one step in eos_fraction under these near-uniform
+        # random models: geometric lengths, as varied as RL completions.
+        scenarios = {"no eos": [], "eos": list(range(vocab - vocab // args.eos_fraction, vocab))}
+        for scenario, eos in scenarios.items():
+            engines = rollout_engines(model, input_ids, attention_mask, new, eos)
+            times: dict = {engine: [] for engine in engines}
+            rates: dict = {engine: [] for engine in engines}
+            for repeat in range(args.rollout_repeats + 1):  # repeat 0 is an untimed warm-up
+                for engine, run in engines.items():  # alternating, so that load changes hit both alike
+                    start = time.perf_counter()
+                    tokens = run(repeat)
+                    synchronize(device)
+                    elapsed = time.perf_counter() - start
+                    if not eos and tokens != batch * new:
+                        raise RuntimeError(f"{name}: {engine} generated {tokens} tokens, expected {batch * new}")
+                    if repeat:
+                        times[engine].append(elapsed)
+                        rates[engine].append(tokens / elapsed)
+            row = {"model": name, "scenario": scenario, "params": count_parameters(model), "vocab_size": vocab}
+            for engine in engines:
+                row[f"{engine}_s"] = statistics.median(times[engine])
+                row[f"{engine}_tokens_per_s"] = statistics.median(rates[engine])
+            row["speedup"] = row["ours_tokens_per_s"] / row["hf_tokens_per_s"]
+            rows.append(row)
+    return {"batch_size": batch, "prompt_len": prompt_len, "new_tokens": new, "dtype": args.rollout_dtype,
+            "repeats": args.rollout_repeats, "eos_fraction": args.eos_fraction, "rows": rows}
+
+
+def print_rollout(result: dict) -> None:
+    print(f"Sampling, random-weight models, B={result['batch_size']} prompts of <= {result['prompt_len']} tokens "
+          f"(left-padded), <= {result['new_tokens']} new tokens each, {result['dtype']}, median of "
+          f"{result['repeats']}; eos: 1/{result['eos_fraction']} of the vocabulary ends a completion")
+    print(f"{'model':<6}  {'scenario':<8}  {'params':>11}  {'V':>6}  {'ours s':>7}  {'HF s':>7}  {'ours tok/s':>10}  "
+          f"{'HF tok/s':>9}  {'speed-up':>8}")
+    for row in result["rows"]:
+        print(f"{row['model']:<6}  {row['scenario']:<8}  {row['params']:11,d}  {row['vocab_size']:6d}  "
+              f"{row['ours_s']:7.3f}  {row['hf_s']:7.3f}  {row['ours_tokens_per_s']:10.0f}  "
+              f"{row['hf_tokens_per_s']:9.0f}  {row['speedup']:7.2f}x")
+
+
 # ---- command line ---------------------------------------------------------------------------------------------
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -387,7 +507,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     pref.add_argument("--pref-batch-size", type=int, default=16, help="pairs per batch")
     pref.add_argument("--pref-examples", type=int, default=200,
                       help="embedded SQuAD training examples (enough for warm-up + timed steps in one epoch)")
+    ro = parser.add_argument_group("rollout")
+    ro.add_argument("--rollout-models", type=lambda text: text.split(","), default=DEFAULT_ROLLOUT_MODELS,
+                    help=f"comma-separated, of {','.join(ROLLOUT_MODELS)} (default: {','.join(DEFAULT_ROLLOUT_MODELS)})")
+    ro.add_argument("--rollout-batch-size", type=int, default=16, help="prompts per batch")
+    ro.add_argument("--prompt-len", type=int, default=32, help="longest prompt (left-padded)")
+    ro.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
+    ro.add_argument("--rollout-dtype", choices=DTYPES, default="float32", help="model weights' dtype")
+    ro.add_argument("--rollout-repeats", type=int, default=5, help="timed calls per engine, model and scenario")
+    ro.add_argument("--eos-fraction", type=int, default=16,
+                    help="eos scenario: the last V / this many token ids are EOS (mean length about this many)")
     args = parser.parse_args(argv)
+    if unknown := set(args.rollout_models) - set(ROLLOUT_MODELS):
+        parser.error(f"--rollout-models: unknown {sorted(unknown)}, expected some of {list(ROLLOUT_MODELS)}")
+    if args.rollout_repeats < 1 or args.prompt_len < 2 or args.new_tokens < 1 or args.eos_fraction < 2:
+        parser.error("--rollout-repeats and --new-tokens must be >= 1, --prompt-len and --eos-fraction >= 2")
     if args.pref_warmup_steps < 1 or args.pref_steps < 1:
         parser.error("--pref-warmup-steps and --pref-steps must be >= 1")
     if args.keep_layers and not args.student:
@@ -422,6 +556,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.only in (None, "preference"):
         results["preference"] = preference(args)
         print_preference(results["preference"])
+        print()
+    if args.only in (None, "rollout"):
+        results["rollout"] = rollout(args)
+        print_rollout(results["rollout"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")

@@ -1,5 +1,15 @@
 """Batched KV-cached sampling and sequence scoring for on-policy distillation and RL."""
 
-from lit_distill.rollout.sampling import Rollout, generate, left_pad, position_ids_from_mask, sequence_logprobs
+from lit_distill.rollout.sampling import (
+    FinishReason,
+    Rollout,
+    generate,
+    generation_mode,
+    left_pad,
+    position_ids_from_mask,
+    rollout_generator,
+    sequence_logprobs,
+)
 
-__all__ = ["Rollout", "generate", "left_pad", "position_ids_from_mask", "sequence_logprobs"]
+__all__ = ["FinishReason", "Rollout", "generate", "generation_mode", "left_pad", "position_ids_from_mask",
+           "rollout_generator", "sequence_logprobs"]

@@ -10,19 +10,38 @@ Log-probs are recorded from ``log_softmax(logits / temperature)`` of the full di
 top-p filtering (TRL / OpenRLHF convention): filtering only decides which token is drawn, and the recorded
 value then equals what ``sequence_logprobs`` recomputes on the returned sequences, which is what importance
 ratios and KL terms in RL need.
+
+Speed (``python bin/benchmark.py --only rollout``): everything sized by N is allocated once (the KV cache, see
+``rollout.cache``, the attention mask and the output buffers) and written in place; tokens are drawn by inverse-CDF
+sampling, which needs one random number per row where ``torch.multinomial`` draws one per vocabulary entry, and
+the normaliser of that CDF gives the recorded log-prob without a second softmax; once half the rows of the batch
+have finished, they leave it (with their cache rows), so short completions stop costing forward passes; on
+accelerators, whether rows have finished is read back every few steps only (each read is a host-device sync).
 """
 
 from __future__ import annotations
 
+import enum
 import inspect
-from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
-from torch import Tensor
-from transformers import DynamicCache
+from torch import Tensor, nn
 
 from lit_distill.losses.logprobs import token_logprobs
+from lit_distill.rollout.cache import RolloutCache
+from lit_distill.rollout.stopping import StopStringMatcher
+
+
+class FinishReason(enum.IntEnum):
+    """Why a completion ended (values of ``Rollout.finish_reason``)."""
+
+    LENGTH = 0  # max_new_tokens reached without EOS or stop string: truncated
+    EOS = 1  # an EOS token was generated (and kept)
+    STOP = 2  # a stop string was completed (its last token kept)
 
 
 @dataclass
@@ -30,14 +49,14 @@ class Rollout:
     """A batch of prompts and their sampled completions.
 
     Attributes:
-        sequences: (B, P + N) left-padded prompt followed by the completion; positions after a sequence's EOS
-            hold ``pad_token_id``.
-        attention_mask: (B, P + N) 1 on real prompt tokens and on completion tokens up to and including EOS.
-        completion_mask: (B, N) 1 on generated tokens up to and including EOS (so ``pad == eos`` never masks
-            the real EOS).
+        sequences: (B, P + N) left-padded prompt followed by the completion; positions after a sequence's end
+            (EOS or stop string) hold ``pad_token_id``.
+        attention_mask: (B, P + N) 1 on real prompt tokens and on completion tokens up to and including the end.
+        completion_mask: (B, N) 1 on generated tokens up to and including the EOS or the token completing a stop
+            string (so ``pad == eos`` never masks the real EOS).
         logprobs: (B, N) fp32 log-prob of each sampled token under ``log_softmax(logits / temperature)``
             before top-k / top-p filtering; 0 where masked.
-        truncated: (B,) bool, True where no EOS was produced within ``max_new_tokens``.
+        finish_reason: (B,) int64 ``FinishReason`` of each row: ``LENGTH`` (truncated), ``EOS`` or ``STOP``.
         prompt_length: P.
     """
 
@@ -45,18 +64,28 @@ class Rollout:
     attention_mask: Tensor
     completion_mask: Tensor
     logprobs: Tensor
-    truncated: Tensor
+    finish_reason: Tensor
     prompt_length: int
 
     @property
     def completions(self) -> Tensor:
-        """(B, N) the generated tokens (pad after EOS)."""
+        """(B, N) the generated tokens (pad after the end)."""
         return self.sequences[:, self.prompt_length:]
 
     @property
     def completion_lengths(self) -> Tensor:
         """(B,) number of generated tokens, EOS included."""
         return self.completion_mask.sum(-1)
+
+    @property
+    def truncated(self) -> Tensor:
+        """(B,) bool, True where neither EOS nor a stop string came within ``max_new_tokens``."""
+        return self.finish_reason == FinishReason.LENGTH
+
+    @property
+    def stopped(self) -> Tensor:
+        """(B,) bool, True where a stop string ended the completion."""
+        return self.finish_reason == FinishReason.STOP
 
 
 def left_pad(token_ids: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
@@ -116,41 +145,180 @@ def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def _logits_to_keep_kwargs(model, n: int) -> dict:
-    """``{"logits_to_keep": n}`` when the model's forward accepts it (HF models), else ``{}``.
+def logits_to_keep_kwargs(model, n: int) -> dict:
+    """``{"logits_to_keep": n}`` when the model's forward accepts it (HF models, also under peft), else ``{}``.
 
     Computing only the needed positions avoids a (B, P, V) logits tensor over the whole prompt.
     """
-    forward = getattr(model, "forward", model)
+    # peft's wrapper forwards unknown keyword arguments to the base model, whose signature is the one that counts.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = getattr(base, "forward", base)
     return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(forward).parameters else {}
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float, do_sample: bool,
+            generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Draw each row's next token; also return its log-prob under the unfiltered tempered distribution.
+
+    Sampling inverts the CDF of the (filtered) distribution at one uniform draw per row: ``x = (1 - u) * Z`` lies in
+    (0, Z], so the first index whose cumulative mass reaches x has a nonzero probability and exists. The cumulative
+    sum runs in float64, so even tokens with a probability far below fp32's resolution near 1 keep their exact share.
+
+    Args:
+        logits: (B, V) next-token logits in any float dtype.
+        temperature, top_k, top_p, do_sample: as in :func:`generate`.
+        generator: random generator on the logits' device.
+
+    Returns:
+        next_tokens (B,) int64 and their fp32 log-probs (B,) under ``log_softmax(logits / temperature)``.
+    """
+    scaled = logits.float()
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    if not do_sample:
+        next_tokens = scaled.argmax(-1)  # (B,)
+        return next_tokens, token_logprobs(scaled, next_tokens)
+    filtering = 0 < top_k < scaled.size(-1) or top_p < 1.0
+    candidates = _filter_logits(scaled, top_k, top_p) if filtering else scaled  # (B, V)
+    shift = scaled.amax(-1, keepdim=True)  # (B, 1) the top token always survives filtering
+    cdf = (candidates - shift).exp_().cumsum(-1, dtype=torch.float64)  # (B, V) unnormalised
+    uniform = torch.rand(cdf.size(0), 1, dtype=torch.float64, device=cdf.device, generator=generator)  # (B, 1)
+    next_tokens = torch.searchsorted(cdf, (1 - uniform) * cdf[:, -1:]).squeeze(-1)  # (B,)
+    # Without filtering, Z = cdf[:, -1] is the softmax normaliser: log p = logit - shift - log Z, no second pass.
+    log_normaliser = (cdf[:, -1].log().float() + shift.squeeze(-1)) if not filtering else scaled.logsumexp(-1)
+    return next_tokens, scaled.gather(-1, next_tokens[:, None]).squeeze(-1) - log_normaliser
+
+
+def _finished_check_every(device: torch.device) -> int:
+    """Decoding steps between reads of how many rows have finished (to stop, or to drop finished rows).
+
+    A read waits for the device to catch up, so on accelerators it happens every 8 steps only (up to 7 steps may run
+    after the last row finished; they are cut from the output); on the CPU it costs nothing and happens every step.
+    """
+    return 1 if device.type == "cpu" else 8
+
+
+@dataclass
+class _Rows:
+    """Per-row generation state of the A rows in the model's batch (A = B until finished rows are dropped).
+
+    Attributes:
+        index: (A,) each row's index in the caller's batch.
+        completions: (A, N) generated tokens, pad after the end.
+        logprobs: (A, N) their log-probs, 0 after the end.
+        mask: (A, P + N) attention mask of prompt and completion, written one column per step.
+        finish_reason: (A,) ``FinishReason``.
+        finished: (A,) bool, the row has ended.
+        next_position: (A, 1) position id of the next token.
+    """
+
+    index: Tensor
+    completions: Tensor
+    logprobs: Tensor
+    mask: Tensor
+    finish_reason: Tensor
+    finished: Tensor
+    next_position: Tensor
+
+    def select(self, keep: Tensor) -> _Rows:
+        """The rows where ``keep`` (A,) bool is True."""
+        return _Rows(*(getattr(self, f.name)[keep] for f in fields(self)))
+
+    @staticmethod
+    def gather(parts: list[_Rows]) -> _Rows:
+        """All rows of ``parts`` back in the caller's order."""
+        order = torch.cat([part.index for part in parts]).argsort()
+        return _Rows(*(torch.cat([getattr(part, f.name) for part in parts])[order] for f in fields(_Rows)))
+
+
+def _select_cache_rows(cache, keep: Tensor):
+    """The cache restricted to the batch rows where ``keep`` (A,) bool is True; None if it cannot select rows.
+
+    HF caches select in place through ``reorder_cache`` (returning None); pico LSTM / k-gram states return a copy.
+    """
+    if not hasattr(cache, "reorder_cache"):
+        return None
+    selected = cache.reorder_cache(keep.nonzero().flatten())
+    return cache if selected is None else selected
+
+
+@contextmanager
+def generation_mode(model: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing off while generating, restored on exit.
+
+    HF layers (and pico transformers) under gradient checkpointing in training mode drop ``use_cache`` and the
+    cache, so every step would recompute the whole sequence; checkpointing saves nothing without gradients anyway.
+    The per-module ``gradient_checkpointing`` flags are flipped and restored as they were, which also covers
+    peft-wrapped models and ``every_n_layers`` patterns.
+    """
+    checkpointed = [module for module in model.modules() if getattr(module, "gradient_checkpointing", False) is True]
+    for module in checkpointed:
+        module.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for module in checkpointed:
+            module.gradient_checkpointing = True
+
+
+def rollout_generator(seed: int, rank: int, step: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A random generator for one rank's rollouts at one training step.
+
+    Data-parallel ranks share the prompt order but must draw different completions, and a run resumed at step s must
+    redraw the samples of step s: the generator's seed hashes ``(seed, rank, step)`` with NumPy's ``SeedSequence``
+    (built to derive independent streams from such tuples), so nearby tuples give unrelated streams.
+
+    Args:
+        seed: the run's seed (>= 0).
+        rank: the data-parallel rank (>= 0), e.g. ``trainer.global_rank``.
+        step: the training step (>= 0), e.g. ``trainer.global_step``.
+        device: the device that samples (a CUDA generator for CUDA logits).
+
+    Returns:
+        A seeded ``torch.Generator`` on ``device``, for :func:`generate`'s ``generator``.
+    """
+    if min(seed, rank, step) < 0:
+        raise ValueError(f"seed, rank and step must be >= 0, got {seed}, {rank}, {step}")
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
 
 
 @torch.no_grad()
 def generate(model, input_ids: Tensor, attention_mask: Tensor, *, max_new_tokens: int,
-             eos_token_id: Union[int, Sequence[int]], pad_token_id: int, temperature: float = 1.0,
+             eos_token_id: int | Sequence[int], pad_token_id: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, do_sample: bool = True,
-             generator: Optional[torch.Generator] = None) -> Rollout:
+             generator: torch.Generator | None = None, stop_strings: Sequence[str] = (),
+             tokenizer=None) -> Rollout:
     """Complete a batch of left-padded prompts with a KV cache.
 
     The model's train/eval mode is left as the caller set it: RL and distillation callers should put it in
-    eval mode so that dropout does not make the sampling policy differ from the one that is scored.
+    eval mode so that dropout does not make the sampling policy differ from the one that is scored. Gradient
+    checkpointing is switched off during the call (see :func:`generation_mode`).
+
+    A row ends at its first EOS or at the token that completes a stop string; that token is kept (in
+    ``completion_mask``, scored in ``logprobs``) and everything after it is padding, masked out. The token
+    completing a stop string may carry text past the stop string's end: cut the decoded text if that matters.
 
     Args:
         model: decoder-only model with the HF calling convention (``input_ids``, ``attention_mask``,
             ``position_ids``, ``past_key_values``, ``use_cache``) returning ``.logits`` (B, T, V) and
-            ``.past_key_values``.
+            ``.past_key_values``; an HF ``Cache`` is used through its ``update``, other cache objects (pico
+            LSTM / k-gram states) are passed back as the model returns them.
         input_ids: (B, P) left-padded prompts.
         attention_mask: (B, P) 1 on real prompt tokens.
         max_new_tokens: at most N tokens are generated; generation stops earlier once every sequence has
-            produced EOS, and N is then the longest completion.
+            ended, and N is then the longest completion.
         eos_token_id: one id or several ids that end a sequence (none: always generate ``max_new_tokens``).
-        pad_token_id: id written after a sequence's EOS.
+        pad_token_id: id written after a sequence's end.
         temperature: divides the logits before sampling; the recorded log-probs use it too.
         top_k: sample among the k most likely tokens; 0 disables.
         top_p: nucleus sampling mass in (0, 1]; 1 disables.
         do_sample: False for greedy argmax decoding (top-k / top-p are then irrelevant); log-probs are still
             reported under ``softmax(logits / temperature)``.
-        generator: random generator of ``torch.multinomial`` (e.g. seeded per rank), on the model's device.
+        generator: random generator of the sampling (e.g. from :func:`rollout_generator`), on the model's device.
+        stop_strings: strings that end a completion once its decoded text contains one (see
+            ``rollout.stopping``: only a tail window of each unfinished row is decoded, once per step).
+        tokenizer: decodes completions for ``stop_strings``; needed only with them.
 
     Returns:
         A ``Rollout``; its log-probs are those of the unfiltered tempered distribution, so they match
@@ -164,42 +332,68 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor, *, max_new_tokens
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    stop = StopStringMatcher(stop_strings, tokenizer) if stop_strings else None
+    device = input_ids.device
     eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
-                           dtype=torch.long, device=input_ids.device)
-    prompt_length = input_ids.size(1)
+                           dtype=torch.long, device=device)
+    batch, prompt_length = input_ids.shape
+    check_every = 1 if stop is not None else _finished_check_every(device)  # the stop check reads anyway
+    rows = _Rows(index=torch.arange(batch, device=device),
+                 completions=input_ids.new_full((batch, max_new_tokens), pad_token_id),
+                 logprobs=torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device),
+                 mask=torch.cat([attention_mask, attention_mask.new_zeros(batch, max_new_tokens)], dim=1),
+                 finish_reason=torch.full((batch,), FinishReason.LENGTH, dtype=torch.long, device=device),
+                 finished=torch.zeros(batch, dtype=torch.bool, device=device),
+                 next_position=attention_mask.sum(-1, keepdim=True))
+    done: list[_Rows] = []  # rows dropped from the batch once finished
 
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), past_key_values=DynamicCache(),
-                use_cache=True, **_logits_to_keep_kwargs(model, 1))
-    logits, cache = out.logits[:, -1], out.past_key_values  # (B, V)
-    next_position = attention_mask.sum(-1, keepdim=True)  # (B, 1) position of the first new token
-    finished = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)  # (B,)
-    tokens, alive_masks, logprobs = [], [], []
-    for step in range(max_new_tokens):
-        if do_sample:
-            scaled = _filter_logits(logits.float() / temperature, top_k, top_p)  # (B, V)
-            next_tokens = torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
-        else:
-            next_tokens = logits.argmax(-1)  # (B,)
-        alive = ~finished  # (B,) this step's token is real (EOS included) only where not yet finished
-        tokens.append(next_tokens.masked_fill(finished, pad_token_id))
-        logprobs.append(token_logprobs(logits, next_tokens, temperature).masked_fill(finished, 0.0))
-        alive_masks.append(alive)
-        finished = finished | torch.isin(next_tokens, eos_ids)
-        if step == max_new_tokens - 1 or bool(finished.all()):
-            break
-        attention_mask = torch.cat([attention_mask, alive[:, None].to(attention_mask.dtype)], dim=1)  # (B, T)
-        out = model(input_ids=tokens[-1][:, None], attention_mask=attention_mask, position_ids=next_position,
-                    past_key_values=cache, use_cache=True)
-        logits, cache = out.logits[:, -1], out.past_key_values  # (B, V)
-        next_position = next_position + alive[:, None]
+    with generation_mode(model):
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask),
+                    past_key_values=RolloutCache(prompt_length + max_new_tokens), use_cache=True,
+                    **logits_to_keep_kwargs(model, 1))
+        cache = out.past_key_values
+        for step in range(max_new_tokens):
+            next_tokens, step_logprobs = _sample(out.logits[:, -1], temperature, top_k, top_p, do_sample,
+                                                 generator)  # (A,), (A,)
+            alive = ~rows.finished  # (A,) this step's token is real (its end included) only where not yet finished
+            rows.completions[:, step] = next_tokens.masked_fill(rows.finished, pad_token_id)
+            rows.logprobs[:, step] = step_logprobs.masked_fill(rows.finished, 0.0)
+            rows.mask[:, prompt_length + step] = alive
+            ended = alive & torch.isin(next_tokens, eos_ids)  # (A,)
+            rows.finish_reason.masked_fill_(ended, FinishReason.EOS)
+            if stop is not None:
+                stopped = stop(rows.completions, step + 1, alive & ~ended)  # (A,)
+                rows.finish_reason.masked_fill_(stopped, FinishReason.STOP)
+                ended |= stopped
+            rows.finished |= ended
+            if step == max_new_tokens - 1:
+                break
+            if (step + 1) % check_every == 0:
+                num_alive = int((~rows.finished).sum())
+                if num_alive == 0:
+                    break
+                # Finished rows still cost a full forward each: once they are half the batch, drop them (one copy
+                # of the cache per halving, so at most about two in all).
+                selected = _select_cache_rows(cache, ~rows.finished) if num_alive <= len(rows.index) // 2 else None
+                if selected is not None:
+                    done.append(rows.select(rows.finished))
+                    rows, cache = rows.select(~rows.finished), selected
+                    alive = ~rows.finished
+            out = model(input_ids=rows.completions[:, step:step + 1],
+                        attention_mask=rows.mask[:, :prompt_length + step + 1], position_ids=rows.next_position,
+                        past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            rows.next_position = rows.next_position + alive[:, None]
 
-    completion_mask = torch.stack(alive_masks, dim=1).to(attention_mask.dtype)  # (B, N)
-    sequences = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)  # (B, P + N)
-    return Rollout(sequences=sequences,
-                   attention_mask=torch.cat([attention_mask[:, :prompt_length], completion_mask], dim=1),
-                   completion_mask=completion_mask, logprobs=torch.stack(logprobs, dim=1),  # (B, N)
-                   truncated=~finished, prompt_length=prompt_length)
+    rows = _Rows.gather(done + [rows])
+    # The longest completion: the last step when a row is truncated, else where the last row ended (steps run past
+    # it between finished checks are cut).
+    length = int(rows.mask[:, prompt_length:].sum(-1).max())
+    return Rollout(sequences=torch.cat([input_ids, rows.completions[:, :length]], dim=1),  # (B, P + N)
+                   attention_mask=rows.mask[:, :prompt_length + length],
+                   completion_mask=rows.mask[:, prompt_length:prompt_length + length],
+                   logprobs=rows.logprobs[:, :length], finish_reason=rows.finish_reason, prompt_length=prompt_length)
 
 
 def sequence_logprobs(model, sequences: Tensor, attention_mask: Tensor, prompt_length: int,
@@ -222,6 +416,6 @@ def sequence_logprobs(model, sequences: Tensor, attention_mask: Tensor, prompt_l
     # Position t's logits predict token t + 1, so the N completion tokens need the last N + 1 positions.
     logits = model(input_ids=sequences, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask),
-                   **_logits_to_keep_kwargs(model, num_new + 1)).logits[:, -num_new - 1:-1]  # (B, N, V)
+                   **logits_to_keep_kwargs(model, num_new + 1)).logits[:, -num_new - 1:-1]  # (B, N, V)
     logprobs = token_logprobs(logits, sequences[:, prompt_length:], temperature)  # (B, N)
     return logprobs.masked_fill(attention_mask[:, prompt_length:] == 0, 0.0)
