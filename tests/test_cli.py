@@ -49,7 +49,7 @@ def test_quickstart_improves_student_towards_teacher(tmp_path):
     report = json.loads(next(tmp_path.rglob("distill_report.json")).read_text())
     assert report["student_ppl_after"] < 0.5 * report["student_ppl_before"]
     assert report["kd_divergence_after"] < 0.5 * report["kd_divergence_before"]
-    assert report["teacher_ppl"] < report["student_ppl_after"]
+    assert report["teacher_ppl_after"] < report["student_ppl_after"]
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")  # plain transformers loads the result
     assert student.config.num_hidden_layers == 2
 
@@ -115,8 +115,8 @@ def test_smollm2_distillation_lowers_student_perplexity(tmp_path):
     assert report["kd_divergence_after"] < report["kd_divergence_before"]
 
 
-def test_sft_reward_dpo_quickstarts_chain_through_saved_models(tmp_path):
-    """The three preference quickstarts, shortened, each consuming the previous stage's output by path."""
+def test_sft_reward_dpo_ppo_quickstarts_chain_through_saved_models(tmp_path):
+    """The preference quickstarts and PPO-RLHF, shortened, each consuming the previous stages' output by path."""
     sft_dir, reward_dir = tmp_path / "sft", tmp_path / "reward"
     short = ["--trainer.max_steps", "8", "--trainer.val_check_interval", "8", "--trainer.logger.init_args.save_dir",
              str(tmp_path / "logs"), "--data.init_args.embedded_examples", "200",
@@ -129,9 +129,16 @@ def test_sft_reward_dpo_quickstarts_chain_through_saved_models(tmp_path):
     LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/dpo/quickstart.yaml"), *short,
                         "--model.init_args.policy.name_or_path", str(sft_dir),
                         "--model.init_args.save_dir", str(tmp_path / "dpo")])
+    LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/ppo/rlhf.yaml"), "--trainer.max_steps", "4",
+                        "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+                        "--trainer.callbacks.init_args.max_batches", "1", "--data.init_args.num_embedded", "40",
+                        "--data.init_args.batch_size", "4", "--data.init_args.eval_batch_size", "4",
+                        "--model.init_args.policy.name_or_path", str(sft_dir),
+                        "--model.init_args.rewards.init_args.path", str(reward_dir),
+                        "--model.init_args.save_dir", str(tmp_path / "ppo")])
     metrics = {path.parent.parent.name: path.read_text() for path in (tmp_path / "logs").rglob("metrics.csv")}
     assert "val/exact_match" in metrics["sft_quickstart"] and "val/accuracy" in metrics["reward_quickstart"]
-    assert "val/margin" in metrics["dpo_quickstart"]
+    assert "val/margin" in metrics["dpo_quickstart"] and "rewards/reward_model_score" in metrics["ppo_rlhf"]
     assert (reward_dir / "score_head.pt").exists() and (tmp_path / "dpo" / "model.safetensors").exists()
 
 

@@ -1,4 +1,4 @@
 """Lightning callbacks."""
-from lit_distill.callbacks.report import DistillReport
+from lit_distill.callbacks.report import DistillReport, EvaluationReport
 
-__all__ = ["DistillReport"]
+__all__ = ["DistillReport", "EvaluationReport"]

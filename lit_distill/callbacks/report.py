@@ -1,4 +1,5 @@
-"""Before/after summary of a distillation run, printed at the end and written to ``distill_report.json``."""
+"""Before/after summaries of a run: the module's own evaluation on the validation data when fit starts and when it
+ends, printed and written as JSON under the log directory."""
 
 from __future__ import annotations
 
@@ -10,14 +11,22 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 
-class DistillReport(L.Callback):
-    """Evaluates teacher and student on the validation data when fit starts and when it ends.
+class EvaluationReport(L.Callback):
+    """Calls ``pl_module.evaluate(val_dataloader, max_batches)`` (a dict of floats) at fit start and fit end, and
+    writes ``{name}_before`` / ``{name}_after`` for every metric, plus ``steps``, to ``filename``.
 
-    The numbers come from ``DistillModule.evaluate`` on rank 0's shard of the validation data.
+    The numbers come from rank 0's shard of the validation data.
+
+    Args:
+        max_batches: validation batches evaluated each time (None: all).
+        filename: JSON file written under the trainer's log directory.
+        title: first line of the printed table.
     """
 
-    def __init__(self, max_batches: Optional[int] = None):
+    def __init__(self, max_batches: Optional[int] = None, filename: str = "report.json", title: str = "report"):
         self.max_batches = max_batches
+        self.filename = filename
+        self.title = title
         self.before: dict[str, float] = {}
 
     def _evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
@@ -31,17 +40,21 @@ class DistillReport(L.Callback):
 
     @rank_zero_only
     def write(self, trainer: L.Trainer, after: dict[str, float]) -> None:
-        report = {"teacher_ppl": after["teacher_ppl"],
-                  "student_ppl_before": self.before["student_ppl"], "student_ppl_after": after["student_ppl"],
-                  "kd_divergence_before": self.before["kd_divergence"], "kd_divergence_after": after["kd_divergence"],
-                  "steps": trainer.global_step}
-        print("\n".join([
-            "distillation report (validation data)",
-            f"  teacher perplexity         {report['teacher_ppl']:10.3f}",
-            f"  student perplexity  before {report['student_ppl_before']:10.3f}   after {report['student_ppl_after']:10.3f}",
-            f"  KD divergence       before {report['kd_divergence_before']:10.4f}   after {report['kd_divergence_after']:10.4f}",
-        ]))
+        report = {f"{name}_{when}": values[name] for name in after
+                  for when, values in (("before", self.before), ("after", after))}
+        report["steps"] = trainer.global_step
+        width = max(len(name) for name in after)
+        print("\n".join([f"{self.title} (validation data)"] + [
+            f"  {name:<{width}}  before {self.before[name]:12.4f}   after {after[name]:12.4f}" for name in after]))
         if trainer.log_dir:
-            path = Path(trainer.log_dir) / "distill_report.json"
+            path = Path(trainer.log_dir) / self.filename
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=2))
+
+
+class DistillReport(EvaluationReport):
+    """Teacher perplexity, student perplexity and KD divergence before/after (``DistillModule.evaluate``), written to
+    ``distill_report.json``."""
+
+    def __init__(self, max_batches: Optional[int] = None):
+        super().__init__(max_batches, filename="distill_report.json", title="distillation report")

@@ -1,7 +1,9 @@
 """LightningModules, one algorithm per file."""
 from lit_distill.modules.distill import DistillModule
 from lit_distill.modules.dpo import DPOModule
+from lit_distill.modules.grpo import GRPOModule
+from lit_distill.modules.ppo import PPOModule
 from lit_distill.modules.reward import RewardModule, load_reward_model
 from lit_distill.modules.sft import SFTModule
 
-__all__ = ["DPOModule", "DistillModule", "RewardModule", "SFTModule", "load_reward_model"]
+__all__ = ["DPOModule", "DistillModule", "GRPOModule", "PPOModule", "RewardModule", "SFTModule", "load_reward_model"]

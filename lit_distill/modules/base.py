@@ -77,6 +77,8 @@ class CausalLMModule(L.LightningModule):
         return loss_sum * (self.trainer.accumulate_grad_batches * self.trainer.world_size)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.automatic_optimization:  # manual optimisation (RL) normalises each update itself
+            return
         count = self.trainer.strategy.reduce(self._step_tokens.to(self.device), reduce_op="sum").clamp(min=1.0)
         self._step_tokens = torch.zeros_like(self._step_tokens)
         for group in optimizer.param_groups:

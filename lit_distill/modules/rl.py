@@ -1,0 +1,266 @@
+"""What PPO and GRPO share: sampling completions of a prompt batch, scoring them with reward functions, reference
+log-probs for the KL term, and manual optimisation over several updates per rollout.
+
+Shape legend: B sequences of a rollout, P prompt length, N completion length, T = P + N, H hidden size.
+
+Every rollout is cut into micro-batches once (contiguous slices, ``micro_batch_size`` sequences each). Log-probs
+recorded before the first update and those of the updates come from the same forward on the same slice, so at
+the first update (or with lr = 0) the probability ratio is exactly 1, not 1 ± rounding.
+
+Lightning's manual optimisation counts one ``trainer.global_step`` per optimizer step, so ``trainer.max_steps``
+counts updates (rollouts × updates per rollout), and the LR schedule spans that many steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from lit_distill.losses.logprobs import token_logprobs
+from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer
+from lit_distill.modules.base import CausalLMModule, default_optimizer
+from lit_distill.optim import SchedulerCallable
+from lit_distill.rewards import Reward, WeightedRewards
+from lit_distill.rollout import Rollout, generate, position_ids_from_mask, rollout_generator
+from lit_distill.rollout.sampling import logits_to_keep_kwargs
+
+PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask")
+
+
+@dataclass
+class CompletionForward:
+    """One forward pass over rollout sequences, restricted to the positions that predict completion tokens.
+
+    Attributes:
+        logprobs: (B, N) fp32 log-probs of the completion tokens at the sampling temperature.
+        entropy: (B, N) fp32 entropy of the tempered next-token distribution (differentiable only when asked).
+        hidden_states: (B, N, H) hidden states entering the output head at those positions.
+    """
+
+    logprobs: Tensor
+    entropy: Tensor
+    hidden_states: Tensor
+
+
+def completion_forward(model: nn.Module, sequences: Tensor, attention_mask: Tensor, prompt_length: int,
+                       temperature: float, entropy_grad: bool = False) -> CompletionForward:
+    """Forward ``sequences`` (B, T) through a causal LM and keep what RL losses need on the N completion tokens.
+
+    ``entropy_grad`` keeps the entropy in the graph (for an entropy bonus), at the cost of a (B, N, V) buffer.
+    """
+    num_new = sequences.size(1) - prompt_length
+    captured = []
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        # Position t predicts token t + 1: the N completion tokens need positions P - 1 .. T - 2.
+        logits = model(input_ids=sequences, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask),
+                       **logits_to_keep_kwargs(model, num_new + 1)).logits[:, -num_new - 1:-1]  # (B, N, V)
+    finally:
+        handle.remove()
+    hidden_states = captured[0][:, -num_new - 1:-1]  # (B, N, H)
+    completion_mask = attention_mask[:, prompt_length:]
+    logprobs = token_logprobs(logits, sequences[:, prompt_length:], temperature).masked_fill(completion_mask == 0, 0)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+        entropy = -(log_p.exp() * log_p).sum(-1)  # (B, N)
+    return CompletionForward(logprobs, entropy, hidden_states)
+
+
+class OnlineRLModule(CausalLMModule):
+    """Base of ``PPOModule`` and ``GRPOModule``: subclasses implement ``training_step`` with the helpers below."""
+
+    frozen_modules = ("reference", "rewards")
+
+    def __init__(self, policy: ModelSpec, rewards: Sequence[Reward], reward_weights: Optional[list[float]] = None,
+                 reference: Optional[ModelSpec] = None, needs_reference: bool = True, max_new_tokens: int = 32,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_strings: Sequence[str] = (),
+                 micro_batch_size: Optional[int] = None, max_grad_norm: Optional[float] = 1.0, seed: int = 0,
+                 optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
+                 save_dir: Optional[str] = None, merge_lora: bool = False):
+        super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
+        self.automatic_optimization = False
+        self.tokenizer = load_tokenizer(policy.tokenizer or policy.name_or_path)
+        self.model = build_model(policy, self.tokenizer).eval()
+        self.rewards = WeightedRewards(list(rewards), reward_weights)
+        # The reference: a separate model, the policy's LoRA base (adapter disabled), or a frozen copy.
+        self.uses_adapter_reference = needs_reference and reference is None and policy.lora is not None
+        self.reference: Optional[nn.Module] = None
+        if needs_reference and reference is not None:
+            self.reference = build_model(reference, load_tokenizer(reference.tokenizer or reference.name_or_path))
+        elif needs_reference and not self.uses_adapter_reference:
+            self.reference = copy.deepcopy(self.model)
+        if self.reference is not None:
+            self.reference.eval().requires_grad_(False)
+        self.val_reward = MeanMetric()
+        self._stats: dict[str, list[Tensor]] = {}
+        self._rollout_tokens = 0
+
+    def train(self, mode: bool = True):
+        """Dropout stays off in every model: a stochastic forward would make the scored policy differ from the
+        sampling one (ratios ≠ 1 at the first update) and bias the KL term."""
+        super().train(mode)
+        for module in self.children():
+            module.eval()
+        return self
+
+    # ---- rollout ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, greedy: bool = False) -> Rollout:
+        """Complete left-padded prompts (B, P) with the policy; each rank and step draws its own samples."""
+        hp = self.hparams
+        generator = rollout_generator(hp.seed, self.global_rank, self.global_step, self.device)
+        return generate(self.model, prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens,
+                        eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                        temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p, do_sample=not greedy,
+                        stop_strings=hp.stop_strings, tokenizer=self.tokenizer, generator=generator)
+
+    def decode_completions(self, rollout: Rollout) -> list[str]:
+        return [self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+                for ids, mask in zip(rollout.completions, rollout.completion_mask)]
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], completions: list[str], columns: dict) -> Tensor:
+        """(B,) fp32 weighted reward on the module's device; logs each reward's mean as ``rewards/<name>``."""
+        total, parts = self.rewards(prompts, completions, **columns)
+        for name, values in parts.items():
+            self.record(f"rewards/{name}", values.mean())
+        return total.to(self.device)
+
+    @staticmethod
+    def batch_columns(batch: dict, repeats: int = 1) -> tuple[list[str], dict]:
+        """The prompts and the extra dataset columns of a prompt batch, each repeated ``repeats`` times in place."""
+        columns = {key: [value for value in values for _ in range(repeats)]
+                   for key, values in batch.items() if key not in PROMPT_KEYS}
+        return columns.pop("prompt"), columns
+
+    # ---- forward passes -----------------------------------------------------------------------------------
+    num_minibatches = 1  # optimizer steps per pass over a rollout (PPO overrides)
+
+    def minibatches(self, size: int) -> list[list[slice]]:
+        """A rollout of ``size`` sequences cut into ``num_minibatches`` near-equal contiguous minibatches, each a
+        list of micro-batches of at most ``micro_batch_size`` sequences. The cut depends only on ``size``, which
+        is the same on every rank (the distributed sampler pads), so ranks run the same number of backward calls."""
+        if size < self.num_minibatches:
+            raise ValueError(f"a rollout of {size} sequences cannot make {self.num_minibatches} minibatches")
+        bounds = [size * i // self.num_minibatches for i in range(self.num_minibatches + 1)]
+        step = self.hparams.micro_batch_size or size
+        return [[slice(start, min(start + step, stop)) for start in range(begin, stop, step)]
+                for begin, stop in zip(bounds[:-1], bounds[1:])]
+
+    def micro_batches(self, size: int) -> list[slice]:
+        """Every micro-batch of a rollout, in order (the slices of ``minibatches``)."""
+        return [rows for minibatch in self.minibatches(size) for rows in minibatch]
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: Rollout) -> Tensor:
+        """(B, N) log-probs of the completions under the reference, micro-batch by micro-batch."""
+        pieces = []
+        for rows in self.micro_batches(rollout.sequences.size(0)):
+            args = (rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length,
+                    self.hparams.temperature)
+            if self.uses_adapter_reference:
+                with self.model.disable_adapter():
+                    pieces.append(completion_forward(self.model, *args).logprobs)
+            else:
+                pieces.append(completion_forward(self.reference, *args).logprobs)
+        return torch.cat(pieces)
+
+    # ---- optimisation -------------------------------------------------------------------------------------
+    def updates_per_rollout(self) -> int:
+        raise NotImplementedError
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        if isinstance(config, dict) and self.trainer.max_steps == -1:
+            # Without max_steps Lightning counts batches (rollouts); the scheduler steps once per update.
+            total = int(self.trainer.estimated_stepping_batches) * self.updates_per_rollout()
+            config["lr_scheduler"]["scheduler"] = self.scheduler_factory(config["optimizer"], total)
+        return config
+
+    def global_sum(self, value: Tensor) -> Tensor:
+        """``value`` summed over ranks (the denominators of step-level means)."""
+        return self.trainer.strategy.reduce(value.detach().float().to(self.device), reduce_op="sum")
+
+    def backward_share(self, numerator: Tensor, denominator: Tensor, across_ranks: bool = True) -> None:
+        """Back-propagate one micro-batch's share ``numerator / denominator`` of the step's loss.
+
+        ``denominator`` is the whole step's (all micro-batches; all ranks when ``across_ranks``). DDP averages
+        gradients over ranks, so a global mean is multiplied back by the world size.
+        """
+        scale = self.trainer.world_size if across_ranks else 1
+        self.manual_backward(numerator * scale / denominator.clamp(min=1e-8))
+
+    def optimizer_step(self) -> None:
+        """Clip, step, zero the gradients and advance the LR schedule (one update)."""
+        optimizer = self.optimizers()
+        if self.hparams.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    # ---- logging ------------------------------------------------------------------------------------------
+    def record(self, name: str, value: Tensor) -> None:
+        """Collect a statistic of this rollout; ``log_records`` logs the mean of each."""
+        self._stats.setdefault(name, []).append(value.detach().float())
+
+    def log_records(self) -> None:
+        self.log_dict({name: torch.stack(values).mean() for name, values in self._stats.items()}, on_step=True,
+                      on_epoch=False)
+        self._stats = {}
+
+    def record_rollout(self, rollout: Rollout, rewards: Tensor) -> None:
+        self.record("rollout/reward_mean", rewards.mean())
+        self.record("rollout/reward_std", rewards.std() if rewards.numel() > 1 else torch.zeros(()))
+        lengths = rollout.completion_lengths.float()
+        self.record("rollout/completion_length", lengths.mean())
+        self.record("rollout/completion_length_max", lengths.max())
+        self.record("rollout/truncated_frac", rollout.truncated.float().mean())
+
+        self._rollout_tokens = int(rollout.attention_mask.sum())
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Throughput counts every token of the rollout (prompts and completions) over rollout + updates."""
+        elapsed = time.perf_counter() - self._batch_start
+        self.log("perf/tokens_per_s", self._rollout_tokens / max(elapsed, 1e-9), on_step=True, on_epoch=False)
+
+    # ---- evaluation: greedy completions scored by the same rewards ----------------------------------------
+    def greedy_rewards(self, batch: dict) -> tuple[Tensor, Rollout]:
+        """(B,) rewards of the greedy completions of a prompt batch."""
+        rollout = self.sample(batch["prompt_input_ids"], batch["prompt_attention_mask"], greedy=True)
+        prompts, columns = self.batch_columns(batch)
+        total, _ = self.rewards(prompts, self.decode_completions(rollout), **columns)
+        return total, rollout
+
+    def validation_step(self, batch, batch_idx):
+        rewards, _ = self.greedy_rewards(batch)
+        self.val_reward.update(rewards)
+        self.log("val/reward_mean", self.val_reward, prog_bar=True)
+
+    @torch.no_grad()
+    def evaluate(self, dataloader, max_batches: Optional[int] = None) -> dict[str, float]:
+        """Mean reward and length of greedy completions over ``dataloader`` (outside the Trainer loop)."""
+        rewards, lengths = [], []
+        for index, batch in enumerate(dataloader):
+            if max_batches is not None and index >= max_batches:
+                break
+            batch = {key: value.to(self.device) if isinstance(value, Tensor) else value
+                     for key, value in batch.items()}
+            batch_rewards, rollout = self.greedy_rewards(batch)
+            rewards.append(batch_rewards)
+            lengths.append(rollout.completion_lengths.float().cpu())
+        return {"reward_mean": torch.cat(rewards).mean().item(), "completion_length": torch.cat(lengths).mean().item()}
+
+    def predict_step(self, batch, batch_idx):
+        rollout = self.sample(batch["prompt_input_ids"], batch["prompt_attention_mask"], greedy=True)
+        return [{"prompt": p, "completion": c} for p, c in zip(batch["prompt"], self.decode_completions(rollout))]
