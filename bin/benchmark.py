@@ -1,5 +1,5 @@
 """Benchmark the KD loss's peak memory, DistillModule's training throughput, the preference modules' training
-throughput and the sampling engine's throughput; prints a table per section.
+throughput, the sampling engine's throughput and PPO/GRPO steps/s; prints a table per section.
 
     python bin/benchmark.py                                   # every section, defaults (~3 min on 2 CPU cores)
     python bin/benchmark.py --only kd_memory --chunk-sizes none,128,512 --json /tmp/bench.json
@@ -63,6 +63,13 @@ hidden 64, 2 layers, vocab 1024), ``llama`` (hidden 256, 4 layers, 4 heads, voca
 (``pico_transformer`` of the same shape) and, when asked for (slow on a CPU), ``gpt2`` (GPT-2 small's shape:
 hidden 768, 12 layers, vocab 50257).
 
+rl: a Lightning Trainer fits PPOModule (2 epochs × 2 minibatches = 4 updates per rollout, k1 KL to a frozen copy)
+and GRPOModule (G = 4, one update per round, β = 0.04) on the shipped tiny teacher, ``--rl-batch-size`` embedded text
+prompts per rollout (the first sentence of a corpus document), ``--rl-new-tokens`` sampled tokens at most, rewarded
+by RepetitionPenalty (cheap: the timings are those of the algorithm, not of a reward model). After one untimed
+rollout, ``--rl-rollouts`` are timed: rollouts/s, updates/s, and rollout tokens/s = completion tokens generated / time
+spent in the rollout phase (sampling, rewards, old/reference log-probs and values).
+
 Timings depend on everything else the machine runs; report the hardware and its load with them. On a CPU shared
 with another job, ``--threads 1`` keeps torch's threads from waiting on each other (descheduled) at every op.
 """
@@ -85,7 +92,7 @@ import torch
 from lit_distill.losses import kd_loss
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-SECTIONS = ("kd_memory", "throughput", "preference", "rollout")
+SECTIONS = ("kd_memory", "throughput", "preference", "rollout", "rl")
 DTYPES = ("float32", "bfloat16", "float16")  # torch attribute names, as ModelSpec.dtype
 MIB = 2 ** 20
 
@@ -453,6 +460,70 @@ def rollout(args: argparse.Namespace) -> dict:
             "repeats": args.rollout_repeats, "eos_fraction": args.eos_fraction, "rows": rows}
 
 
+# ---- rl -------------------------------------------------------------------------------------------------------
+def rl(args: argparse.Namespace) -> dict:
+    import lightning as L
+
+    from lit_distill.data import JSONLPromptDataModule
+    from lit_distill.models.loading import ModelSpec
+    from lit_distill.modules import GRPOModule, PPOModule
+    from lit_distill.rewards import RepetitionPenalty
+
+    device = torch.device(args.device)
+    quiet_lightning()
+    policy = ModelSpec("lit-distill/tiny-teacher")
+    common = {"policy": policy, "rewards": [RepetitionPenalty()], "max_new_tokens": args.rl_new_tokens}
+    variants = {"PPOModule": lambda: PPOModule(**common, ppo_epochs=2, num_minibatches=2, kl_coef=0.05),
+                "GRPOModule": lambda: GRPOModule(**common, num_generations=4, beta=0.04)}
+
+    class RolloutTimer(L.Callback):
+        def __init__(self):
+            self.batch_s, self.rollout_s, self.tokens, self.start = [], [], [], 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            synchronize(device)
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            synchronize(device)
+            if batch_idx:  # the first rollout pays set-up
+                metrics = trainer.callback_metrics
+                sequences = len(batch["prompt"]) * getattr(pl_module.hparams, "num_generations", 1)
+                self.batch_s.append(time.perf_counter() - self.start)
+                self.rollout_s.append(metrics["perf/rollout_s"].item())
+                self.tokens.append(metrics["rollout/completion_length"].item() * sequences)
+
+    rows = []
+    for name, make in variants.items():
+        L.seed_everything(0, verbose=False)
+        module = make()
+        data = JSONLPromptDataModule(embedded="text", num_embedded=args.rl_batch_size * (args.rl_rollouts + 2),
+                                     batch_size=args.rl_batch_size)
+        timer = RolloutTimer()
+        trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                            max_steps=(args.rl_rollouts + 1) * module.updates_per_rollout(), limit_val_batches=0,
+                            num_sanity_val_steps=0, log_every_n_steps=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+        trainer.fit(module, datamodule=data)
+        total_s = sum(timer.batch_s)
+        rows.append({"module": name, "rollouts": len(timer.batch_s), "time_s": total_s,
+                     "rollouts_per_s": len(timer.batch_s) / total_s,
+                     "updates_per_s": len(timer.batch_s) * module.updates_per_rollout() / total_s,
+                     "rollout_tokens_per_s": sum(timer.tokens) / sum(timer.rollout_s),
+                     "rollout_share": sum(timer.rollout_s) / total_s})
+    return {"policy": "lit-distill/tiny-teacher", "prompts_per_rollout": args.rl_batch_size,
+            "max_new_tokens": args.rl_new_tokens, "rows": rows}
+
+
+def print_rl(result: dict) -> None:
+    print(f"Online RL on {result['policy']}, {result['prompts_per_rollout']} prompts per rollout, "
+          f"<= {result['max_new_tokens']} new tokens")
+    print(f"{'module':<11}  {'rollouts/s':>10}  {'updates/s':>9}  {'rollout tok/s':>13}  {'rollout share':>13}")
+    for row in result["rows"]:
+        print(f"{row['module']:<11}  {row['rollouts_per_s']:10.2f}  {row['updates_per_s']:9.2f}  "
+              f"{row['rollout_tokens_per_s']:13.0f}  {row['rollout_share']:12.0%}")
+
+
 def print_rollout(result: dict) -> None:
     print(f"Sampling, random-weight models, B={result['batch_size']} prompts of <= {result['prompt_len']} tokens "
           f"(left-padded), <= {result['new_tokens']} new tokens each, {result['dtype']}, median of "
@@ -517,7 +588,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ro.add_argument("--rollout-repeats", type=int, default=5, help="timed calls per engine, model and scenario")
     ro.add_argument("--eos-fraction", type=int, default=16,
                     help="eos scenario: the last V / this many token ids are EOS (mean length about this many)")
+    rl_group = parser.add_argument_group("rl")
+    rl_group.add_argument("--rl-rollouts", type=int, default=5, help="timed rollouts per module (after one untimed)")
+    rl_group.add_argument("--rl-batch-size", type=int, default=16, help="prompts per rollout")
+    rl_group.add_argument("--rl-new-tokens", type=int, default=32, help="max new tokens per completion")
     args = parser.parse_args(argv)
+    if args.rl_rollouts < 1:
+        parser.error("--rl-rollouts must be >= 1")
     if unknown := set(args.rollout_models) - set(ROLLOUT_MODELS):
         parser.error(f"--rollout-models: unknown {sorted(unknown)}, expected some of {list(ROLLOUT_MODELS)}")
     if args.rollout_repeats < 1 or args.prompt_len < 2 or args.new_tokens < 1 or args.eos_fraction < 2:
@@ -560,6 +637,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.only in (None, "rollout"):
         results["rollout"] = rollout(args)
         print_rollout(results["rollout"])
+        print()
+    if args.only in (None, "rl"):
+        results["rl"] = rl(args)
+        print_rl(results["rl"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")

@@ -135,6 +135,24 @@ def test_grpo_zero_std_groups_give_zero_advantage_finite_loss_and_no_update(llam
     assert module.reference is None  # β = 0 builds no reference
 
 
+def test_grpo_masked_truncated_completions_leave_the_loss(llama_dir, tokenizer):
+    # A random model almost never samples EOS within 2 tokens: every completion is truncated, nothing is learnt.
+    module = grpo(llama_dir, max_new_tokens=2, mask_truncated_completions=True, beta=0.0, optimizer=sgd(1.0))
+    before = trained_parameters(module)
+    trainer = fit(module, prompt_batches(tokenizer, batch_size=2, num_batches=1), max_steps=1)
+    assert trainer.callback_metrics["rollout/truncated_frac"].item() == 1.0
+    assert trainer.callback_metrics["grpo/loss"].item() == 0.0
+    for name, value in trained_parameters(module).items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_ppo_missing_eos_penalty_lowers_the_score_of_truncated_completions(llama_dir, tokenizer):
+    module = ppo(llama_dir, rewards=[Constant()], max_new_tokens=2, missing_eos_penalty=3.0)
+    trainer = fit(module, prompt_batches(tokenizer, num_batches=1), max_steps=module.updates_per_rollout())
+    assert trainer.callback_metrics["rollout/truncated_frac"].item() == 1.0
+    assert trainer.callback_metrics["rollout/reward_mean"].item() == -2.0
+
+
 def test_lora_policy_uses_the_adapter_disabled_base_as_reference(llama_dir, tokenizer):
     module = ppo(llama_dir, policy=ModelSpec(llama_dir, lora=LoRASpec(r=4, alpha=8)), optimizer=sgd(0.5),
                  kl_estimator="k3")
