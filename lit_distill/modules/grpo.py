@@ -95,6 +95,7 @@ class GRPOModule(OnlineRLModule):
             denominator = grpo_denominator(mask, hp.loss_type, hp.max_new_tokens)
             if hp.loss_type != "bnpo":  # bnpo: each rank's own token mean, averaged by DDP (TRL's definition)
                 denominator = self.global_sum(denominator)
+            denominator = denominator.clamp(min=1)  # nothing to average (all masked): the numerators are 0
         self.record_rollout(rollout, rewards)
         self.record("grpo/frac_zero_std", group_stats.frac_zero_std)
         self.record("perf/rollout_s", torch.tensor(time.perf_counter() - start))

@@ -145,7 +145,8 @@ class PPOModule(OnlineRLModule):
         order = torch.Generator().manual_seed(hp.seed + self.global_step)
         for _ in range(hp.ppo_epochs):
             for index in torch.randperm(len(minibatches), generator=order).tolist():
-                num_tokens = self.global_sum(sum(mask[rows].sum() for rows in minibatches[index]))
+                # At least 1: a minibatch without tokens has a zero loss sum anyway.
+                num_tokens = self.global_sum(sum(mask[rows].sum() for rows in minibatches[index])).clamp(min=1)
                 for rows in minibatches[index]:
                     self.backward_share(self.minibatch_loss(experience, rows), num_tokens)
                 self.optimizer_step()

@@ -192,11 +192,11 @@ class OnlineRLModule(CausalLMModule):
     def backward_share(self, numerator: Tensor, denominator: Tensor, across_ranks: bool = True) -> None:
         """Back-propagate one micro-batch's share ``numerator / denominator`` of the step's loss.
 
-        ``denominator`` is the whole step's (all micro-batches; all ranks when ``across_ranks``). DDP averages
-        gradients over ranks, so a global mean is multiplied back by the world size.
+        ``denominator`` is the whole step's (all micro-batches; all ranks when ``across_ranks``), at least 1. DDP
+        averages gradients over ranks, so a global mean is multiplied back by the world size.
         """
         scale = self.trainer.world_size if across_ranks else 1
-        self.manual_backward(numerator * scale / denominator.clamp(min=1e-8))
+        self.manual_backward(numerator * scale / denominator)
 
     def optimizer_step(self) -> None:
         """Clip, step, zero the gradients and advance the LR schedule (one update)."""
