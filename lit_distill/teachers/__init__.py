@@ -1,0 +1,12 @@
+"""Teachers that answer questions for the teacher↔student QA loop.
+
+:class:`LocalTeacher` runs a causal LM in this process; :class:`HTTPTeacher` asks an OpenAI-compatible
+chat-completions endpoint (no logits); :class:`CachedTeacher` puts a persistent SQLite answer cache in front of
+either. All share :class:`Teacher`'s interface: ``answer(questions) -> answers`` and a cache-key ``identity``.
+"""
+from lit_distill.teachers.base import Teacher, TeacherError
+from lit_distill.teachers.cache import CachedTeacher
+from lit_distill.teachers.http import HTTPTeacher
+from lit_distill.teachers.local import LocalTeacher
+
+__all__ = ["CachedTeacher", "HTTPTeacher", "LocalTeacher", "Teacher", "TeacherError"]

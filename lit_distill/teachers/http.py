@@ -1,0 +1,267 @@
+"""A teacher behind an OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp server, TGI, ...).
+
+Only the answer text comes back (no logits), so such a teacher serves answer-level distillation: rewards for
+agreeing with it, corrective SFT on its answers.
+
+Requests go out in parallel (``concurrency`` threads) through the standard library (no extra dependency; one
+connection per request, negligible next to a model's latency). Transient failures are retried with exponential
+backoff and jitter: HTTP 408, 409, 429 and 5xx, timeouts, refused / reset / dropped connections, and 200 replies
+that are not chat-completion JSON. Any other 4xx is the caller's mistake (bad key, unknown model, invalid
+request): it raises at once. The API key is read from the environment at each request and kept nowhere else.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+
+from lit_distill.teachers.base import (
+    AnswerCallback,
+    Teacher,
+    TeacherError,
+    identity_string,
+)
+
+RETRYABLE_STATUS = {408, 409, 429}  # and every 5xx
+MAX_MESSAGE_CHARS = 500  # of a server's error text quoted in an exception
+
+
+class HTTPTeacher(Teacher):
+    """Answer questions through ``POST {base_url}/chat/completions``.
+
+    Each question is sent as ``{"model", "messages": [system?, user], "temperature", "max_tokens", "top_p",
+    "stop"?}``; the answer is ``choices[0].message.content``, stripped.
+
+    Worst case for one question: ``max_retries + 1`` attempts of up to ``timeout`` seconds each (per socket
+    operation), with waits of ``backoff * 2**k`` (``k = 0, 1, ...``, times a random factor in [0.5, 1], at most
+    ``max_backoff``) between them; a 429/503 reply's ``Retry-After`` (seconds or HTTP date, at most
+    ``max_backoff``) replaces the computed wait. Once one question has failed for good, questions not yet sent are
+    dropped and those in flight stop retrying, then :class:`TeacherError` is raised; answers that arrived were
+    reported through ``on_answer``.
+
+    Args:
+        base_url: the API root, e.g. ``http://127.0.0.1:8080/v1`` or ``https://api.openai.com/v1``.
+        model: the model name the endpoint serves.
+        api_key_env: name of the environment variable holding the API key, sent as ``Authorization: Bearer``;
+            None, or the variable unset: no ``Authorization`` header (local servers).
+        temperature: sampling temperature (0 = greedy on most servers).
+        max_tokens: longest answer in tokens.
+        top_p: nucleus sampling mass.
+        system_prompt: optional system message before each question.
+        stop: up to a few strings at which the server ends an answer.
+        concurrency: requests in flight at once.
+        timeout: seconds each socket operation (connect, send, each read) may take.
+        max_retries: retries of a question after its first attempt.
+        backoff: first retry wait in seconds.
+        max_backoff: longest wait between two attempts, ``Retry-After`` included.
+    """
+
+    # Waits between attempts; tests replace it on an instance to record the waits instead of sleeping.
+    sleep = staticmethod(time.sleep)
+
+    def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
+                 temperature: float = 0.0, max_tokens: int = 64, top_p: float = 1.0,
+                 system_prompt: str | None = None, stop: Sequence[str] = (), concurrency: int = 4,
+                 timeout: float = 60.0, max_retries: int = 5, backoff: float = 1.0, max_backoff: float = 30.0):
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            # The URL itself is not echoed: it might hold a credential.
+            raise ValueError(f"base_url must be an http(s) URL with a host, like http://127.0.0.1:8080/v1; got "
+                             f"scheme '{parts.scheme}' and host '{parts.hostname}'")
+        if parts.username or parts.password:
+            raise ValueError("base_url must not contain credentials (user:password@); put the API key in the "
+                             "environment variable named by api_key_env")
+        for name, value, low in (("max_tokens", max_tokens, 1), ("concurrency", concurrency, 1),
+                                 ("max_retries", max_retries, 0)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if not timeout > 0 or backoff < 0 or max_backoff < 0:
+            raise ValueError(f"timeout must be > 0 and backoff, max_backoff >= 0, got {timeout}, {backoff}, "
+                             f"{max_backoff}")
+        self.base_url = base_url.rstrip("/")
+        self.url = f"{self.base_url}/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.top_p = top_p
+        self.system_prompt = system_prompt
+        self.stop = list(stop)
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+
+    @property
+    def identity(self) -> str:
+        """Endpoint, model and request settings (never the key)."""
+        return identity_string("openai-chat", base_url=self.base_url, model=self.model, temperature=self.temperature,
+                               max_tokens=self.max_tokens, top_p=self.top_p, system_prompt=self.system_prompt,
+                               stop=self.stop)
+
+    def answer(self, questions: list[str], on_answer: AnswerCallback | None = None) -> list[str]:
+        """Ask every question, ``concurrency`` at a time (see :meth:`Teacher.answer`)."""
+        if not questions:
+            return []
+        answers: list[str | None] = [None] * len(questions)
+        batch = _Batch()
+        with ThreadPoolExecutor(min(self.concurrency, len(questions)), thread_name_prefix="http-teacher") as pool:
+            futures: dict[Future, int] = {pool.submit(self._ask, question, batch): index
+                                          for index, question in enumerate(questions)}
+            try:
+                for future in as_completed(futures):
+                    if future.cancelled():
+                        continue
+                    try:
+                        text = future.result()
+                    except TeacherError:
+                        for pending in futures:
+                            pending.cancel()  # those not started yet; batch.error is raised below
+                        continue
+                    answers[futures[future]] = text
+                    if on_answer is not None:
+                        on_answer(futures[future], text)
+            except BaseException:  # an on_answer error or Ctrl-C: send nothing more
+                batch.stopped.set()
+                for pending in futures:
+                    pending.cancel()
+                raise
+        if batch.error is not None:
+            raise batch.error
+        return answers
+
+    def _ask(self, question: str, batch: _Batch) -> str:
+        """One question's answer, retrying transient failures; raises TeacherError."""
+        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + \
+            [{"role": "user", "content": question}]
+        payload = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                   "max_tokens": self.max_tokens, "top_p": self.top_p}
+        if self.stop:
+            payload["stop"] = self.stop
+        body = json.dumps(payload).encode("utf-8")
+        attempts = self.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            if batch.stopped.is_set():
+                raise TeacherError("not asked: another question of the batch failed")
+            retry_after = None
+            try:
+                with urllib.request.urlopen(self._request(body), timeout=self.timeout) as response:
+                    data = response.read()
+            except urllib.error.HTTPError as err:
+                with err:
+                    message = self._redact(_error_message(err))
+                    if not (err.code in RETRYABLE_STATUS or err.code >= 500):
+                        raise batch.fail(TeacherError(f"{self.url} refused the request with HTTP {err.code}: "
+                                                      f"{message}{self._key_hint(err.code)}")) from None
+                    failure = f"HTTP {err.code}: {message}"
+                    if err.code in (429, 503):
+                        retry_after = retry_after_seconds(err.headers.get("Retry-After"))
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+                # Timeouts, refused / reset / dropped connections. Exceptions are not chained (`from None`): they
+                # would carry the request, and with it the Authorization header.
+                failure = self._redact(f"{type(err).__name__}: {err}")
+            else:
+                try:
+                    return _content(data)
+                except ValueError as err:
+                    failure = f"malformed response: {err}"
+            if attempt < attempts:
+                self.sleep(self._delay(attempt, retry_after))
+        raise batch.fail(TeacherError(f"{self.url}: no answer after {attempts} attempt(s); last failure: "
+                                      f"{failure}")) from None
+
+    def _request(self, body: bytes) -> urllib.request.Request:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = self._api_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+
+    def _api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def _redact(self, text: str) -> str:
+        """``text`` without the API key (some servers quote the key they rejected)."""
+        key = self._api_key()
+        return text.replace(key, "***") if key else text
+
+    def _key_hint(self, status: int) -> str:
+        if status not in (401, 403):
+            return ""
+        if not self.api_key_env:
+            return " (no API key is sent: api_key_env is None)"
+        state = "set" if self._api_key() else "not set"
+        return f" (the API key comes from the environment variable {self.api_key_env}, which is {state})"
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (1-based)."""
+        if retry_after is not None:
+            return min(retry_after, self.max_backoff)
+        # Jitter spreads the retries of parallel requests that failed together.
+        return min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+class _Batch:
+    """What the requests of one ``answer`` call share: the first question that fails for good stops the others."""
+
+    def __init__(self):
+        self.stopped = threading.Event()
+        self.error: TeacherError | None = None
+        self._lock = threading.Lock()
+
+    def fail(self, error: TeacherError) -> TeacherError:
+        """Record ``error`` (the first one recorded is the one ``answer`` raises), stop the batch, return it."""
+        with self._lock:
+            if self.error is None:
+                self.error = error
+        self.stopped.set()
+        return error
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: a number of seconds or an HTTP date; None if absent/invalid."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    parsed = email.utils.parsedate_tz(value)
+    if parsed is None:
+        return None
+    return max(0.0, email.utils.mktime_tz(parsed) - time.time())  # a date without zone is taken as GMT
+
+
+def _error_message(err: urllib.error.HTTPError) -> str:
+    """The server's error message: ``error.message`` of an OpenAI-style JSON body, else the body text."""
+    try:
+        text = err.read().decode("utf-8", errors="replace")
+    except (OSError, http.client.HTTPException):
+        return err.reason or "(no body)"
+    try:
+        error = json.loads(text).get("error")
+        text = error.get("message", text) if isinstance(error, dict) else (error or text)
+    except (ValueError, AttributeError):
+        pass
+    return str(text).strip()[:MAX_MESSAGE_CHARS] or str(err.reason)
+
+
+def _content(data: bytes) -> str:
+    """``choices[0].message.content`` of a chat-completion reply, stripped; ValueError if there is none."""
+    try:
+        content = json.loads(data)["choices"][0]["message"]["content"]
+        return content.strip()  # AttributeError: null content (e.g. a tool call)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
+        raise ValueError(f"expected JSON with a string at choices[0].message.content, got "
+                         f"{data[:200].decode('utf-8', errors='replace')!r}") from err
