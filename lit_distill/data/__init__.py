@@ -1,8 +1,9 @@
 """LightningDataModules, datasets, readers and the embedded offline corpus."""
 from lit_distill.data.preference import JSONLPreferenceDataModule, SQuADPreferenceDataModule
 from lit_distill.data.prompts import JSONLPromptDataModule
+from lit_distill.data.questions import QuestionDataModule
 from lit_distill.data.squad import SQuADDataModule
 from lit_distill.data.text import WikiTextDataModule
 
-__all__ = ["JSONLPreferenceDataModule", "JSONLPromptDataModule", "SQuADDataModule", "SQuADPreferenceDataModule",
-           "WikiTextDataModule"]
+__all__ = ["JSONLPreferenceDataModule", "JSONLPromptDataModule", "QuestionDataModule", "SQuADDataModule",
+           "SQuADPreferenceDataModule", "WikiTextDataModule"]

@@ -1,4 +1,5 @@
 """LightningModules, one algorithm per file."""
+from lit_distill.modules.agent import AgentModule
 from lit_distill.modules.distill import DistillModule
 from lit_distill.modules.dpo import DPOModule
 from lit_distill.modules.grpo import GRPOModule
@@ -6,4 +7,5 @@ from lit_distill.modules.ppo import PPOModule
 from lit_distill.modules.reward import RewardModule, load_reward_model
 from lit_distill.modules.sft import SFTModule
 
-__all__ = ["DPOModule", "DistillModule", "GRPOModule", "PPOModule", "RewardModule", "SFTModule", "load_reward_model"]
+__all__ = ["AgentModule", "DPOModule", "DistillModule", "GRPOModule", "PPOModule", "RewardModule", "SFTModule",
+           "load_reward_model"]
