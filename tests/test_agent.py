@@ -166,8 +166,9 @@ def test_teacher_answers_are_cached_across_runs_through_a_real_endpoint(server, 
 
 
 def test_agent_quickstart_raises_accuracy_vs_the_teacher(tmp_path):
-    LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/agent/quickstart.yaml"), "--trainer.max_steps", "120",
-                        "--trainer.val_check_interval", "60", "--data.init_args.num_embedded", "640",
+    LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/agent/quickstart.yaml"), "--trainer.max_steps", "80",
+                        "--trainer.val_check_interval", "40", "--data.init_args.num_embedded", "320",
+                        "--trainer.callbacks.init_args.max_batches", "1", "--data.init_args.eval_batch_size", "32",
                         "--model.init_args.teacher_cache", str(tmp_path / "cache.sqlite"),
                         "--trainer.logger.init_args.save_dir", str(tmp_path),
                         "--model.init_args.save_dir", str(tmp_path / "student")])
