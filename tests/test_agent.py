@@ -50,19 +50,18 @@ def write_jsonl(path, lines):
 
 # ---- questions ------------------------------------------------------------------------------------------------
 def test_question_file_rows_carry_the_question_and_gold_answer(tmp_path):
-    path = write_jsonl(tmp_path / "q.jsonl", [
-        {"question": "What is two plus two?", "answer": "4"},
-        {"question": "Who lives in Ashford?", "context": "Mara lives in Ashford.", "answer": ["Mara", "mara"]},
-        {"question": "what  is TWO plus two?", "answer": "4"},  # a duplicate of line 1 (case, spaces)
-    ] * 4)
-    data = QuestionDataModule(path=path, validation_fraction=0.25, batch_size=8)
+    lines = [{"question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(6)]
+    lines.insert(1, {"question": "Who lives in Ashford?", "context": "Mara lives in Ashford.", "answer": ["Mara", "ma"]})
+    lines.append({"question": "what  is 0 PLUS 0?", "answer": "0"})  # a duplicate of line 1 (case, spaces)
+    data = QuestionDataModule(path=write_jsonl(tmp_path / "q.jsonl", lines), validation_fraction=0.2, batch_size=8)
     data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
-    assert sorted(batch["question"]) == sorted(["What is two plus two?",
-                                                "Context: Mara lives in Ashford.\nQuestion: Who lives in Ashford?\n"
-                                                "Answer:"])
-    assert batch["prompt"] == batch["question"]  # chat_template none: the student sees the same text
-    assert ["Mara", "mara"] in batch["answer"]
+    assert len(data.datasets["train"]) + len(data.datasets["validation"]) == 7
+    batch = next(iter(data.val_dataloader()))
+    assert batch["question"] == ["What is 0 plus 0?"]  # the first lines are validation
+    train = {example["question"]: example for example in data.datasets["train"]}
+    mara = train["Context: Mara lives in Ashford.\nQuestion: Who lives in Ashford?\nAnswer:"]
+    assert mara["prompt"] == mara["question"]  # chat_template none: the student sees the same text
+    assert mara["answer"] == ["Mara", "ma"]
 
 
 @pytest.mark.parametrize("lines,message", [
@@ -213,9 +212,9 @@ def test_teacher_written_questions_are_parsed_deduplicated_and_readable(tmp_path
                                                  "How long is dough kneaded?"]
     assert "1 different short questions about bread" in writer.asked[0]  # the second round asks for the rest
     path = write_questions(rows * 4, tmp_path / "questions.jsonl")
-    data = QuestionDataModule(path=str(path), validation_fraction=0.25)
+    data = QuestionDataModule(path=str(path), validation_fraction=0.34)
     data.setup("fit")
-    assert len(data.datasets["train"]) == 3  # duplicates dropped
+    assert len(data.datasets["train"]) + len(data.datasets["validation"]) == 3  # duplicates dropped
 
 
 @pytest.mark.slow

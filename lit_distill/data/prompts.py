@@ -185,15 +185,25 @@ class JSONLPromptDataModule(EncodedDataModule):
             count = hp.num_embedded if split == "train" else max(1, hp.num_embedded // 10)
             return f"embedded '{hp.embedded}'", embedded_rows(hp.embedded, count, hp.seed + SPLITS.index(split),
                                                               hp.max_operand)[:cap]
+        return self.file_rows(split)
+
+    def read_file(self, path: Path) -> list[Row]:
+        """The checked rows of one JSONL file (subclasses read other line formats)."""
+        return read_prompt_jsonl(_jsonl(path))
+
+    def file_rows(self, split: str) -> tuple[str, list[Row]]:
+        """``split`` of ``path``: its file in a split directory, or its share of a single file."""
+        hp = self.hparams
+        cap = (hp.max_examples or {}).get(split)
         path = Path(hp.path).expanduser()
         if path.is_dir():
             split_file = find_split_file(path, split)
             if split_file is None:
                 if split == "test":
                     return f"'{path}'", []
-                raise FileNotFoundError(f"prompt directory '{path}' has no {split}.jsonl")
-            return f"'{split_file}'", read_prompt_jsonl(_jsonl(split_file))[:cap]
-        return f"'{path}'", holdout(read_prompt_jsonl(_jsonl(path)), split, hp.validation_fraction)[:cap]
+                raise FileNotFoundError(f"directory '{path}' has no {split}.jsonl")
+            return f"'{split_file}'", self.read_file(split_file)[:cap]
+        return f"'{path}'", holdout(self.read_file(path), split, hp.validation_fraction)[:cap]
 
     def build_split(self, split: str) -> list[dict]:
         hp = self.hparams

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from lit_distill.data.base import SPLITS
-from lit_distill.data.collate import Truncation, holdout
-from lit_distill.data.io import DataFileError, find_split_file, read_numbered_jsonl
-from lit_distill.data.prompts import JSONLPromptDataModule, Row, embedded_rows
+from lit_distill.data.collate import Truncation
+from lit_distill.data.io import DataFileError, read_numbered_jsonl
+from lit_distill.data.prompts import JSONLPromptDataModule, Row, _jsonl, embedded_rows
 from lit_distill.data.squad import DEFAULT_PROMPT_TEMPLATE, SQuADDataModule
 
 log = logging.getLogger(__name__)
@@ -126,13 +126,7 @@ class QuestionDataModule(JSONLPromptDataModule):
                 rows.append((example.id, {"prompt": text, "question": text, "answer": list(example.answers),
                                           "id": example.id}))
             return f"SQuAD '{hp.path}'", deduplicate(rows)[:cap]
-        path = Path(hp.path).expanduser()
-        if path.is_dir():
-            split_file = find_split_file(path, split)
-            if split_file is None:
-                if split == "test":
-                    return f"'{path}'", []
-                raise FileNotFoundError(f"question directory '{path}' has no {split}.jsonl")
-            return f"'{split_file}'", deduplicate(read_question_jsonl(split_file, hp.prompt_template))[:cap]
-        rows = read_question_jsonl(path, hp.prompt_template)
-        return f"'{path}'", deduplicate(holdout(rows, split, hp.validation_fraction))[:cap]
+        return self.file_rows(split)
+
+    def read_file(self, path: Path) -> list[Row]:
+        return deduplicate(read_question_jsonl(_jsonl(path), self.hparams.prompt_template))
