@@ -96,10 +96,6 @@ class AgentModule(CausalLMModule):
         self.val_accuracy_gold, self.val_teacher_accuracy_gold = MeanMetric(), MeanMetric()
 
     # ---- set-up -------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        # A teacher is no submodule (it must never enter a checkpoint), so Lightning does not move it.
-        self.teacher.to(self.device)
-
     def on_train_start(self) -> None:
         teacher_parameters = self.hparams.teacher_parameters or self.teacher.num_parameters
         student_parameters = count_parameters(self.model)
@@ -121,6 +117,11 @@ class AgentModule(CausalLMModule):
         self.first_val_accuracy = state.get("first_val_accuracy")
 
     # ---- answers ------------------------------------------------------------------------------------------
+    def ask_teacher(self, questions: list[str]) -> list[str]:
+        # A teacher is no submodule (it must never enter a checkpoint), so Lightning does not move it; moving a
+        # model to the device it is on costs nothing.
+        return self.teacher.to(self.device).answer(questions)
+
     @torch.no_grad()
     def student_answers(self, batch: dict, greedy: bool) -> tuple[Rollout, list[str]]:
         hp = self.hparams
@@ -160,7 +161,7 @@ class AgentModule(CausalLMModule):
     def qa_loss(self, batch: dict) -> tuple[Tensor, Tensor, dict]:
         """Token-summed loss of one batch of questions, its token count, and the step's metrics."""
         hp = self.hparams
-        teacher_answers = self.teacher.answer(batch["question"])
+        teacher_answers = self.ask_teacher(batch["question"])
         rollout, student_answers = self.student_answers(batch, greedy=False)
         result = self.compare(batch, student_answers, teacher_answers)
         correct = result["correct"]
@@ -206,7 +207,7 @@ class AgentModule(CausalLMModule):
     # ---- evaluation: greedy answers ----------------------------------------------------------------------
     def evaluation_results(self, batch: dict) -> dict[str, Tensor]:
         _, student_answers = self.student_answers(batch, greedy=True)
-        return self.compare(batch, student_answers, self.teacher.answer(batch["question"]))
+        return self.compare(batch, student_answers, self.ask_teacher(batch["question"]))
 
     def validation_step(self, batch, batch_idx):
         result = self.evaluation_results(batch)
