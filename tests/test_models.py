@@ -109,3 +109,15 @@ def test_smollm2_gguf_loads_with_tokenizer_and_chat_template():
     assert model.config.num_hidden_layers == 2
     ids = torch.tensor([tokenizer.encode("The capital of France is")])
     assert logits_of(model, ids).shape == (1, ids.shape[1], 49152)
+
+
+def test_eos_token_ids_include_the_generation_config_eos(llama_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from lit_distill.models.loading import eos_token_ids
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, 3]  # a chat model's end-of-turn token
+    assert eos_token_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, 3})
+    model.generation_config.eos_token_id = None
+    assert eos_token_ids(model, tokenizer) == [tokenizer.eos_token_id]

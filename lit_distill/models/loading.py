@@ -211,6 +211,14 @@ def save_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: 
         tokenizer.save_pretrained(path / "merged")
 
 
+def eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's EOS plus the model's generation-config EOS ids (chat models end a turn with e.g. <|im_end|>)."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in ids if i is not None})
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 

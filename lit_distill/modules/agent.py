@@ -128,7 +128,7 @@ class AgentModule(CausalLMModule):
         was_training = self.model.training
         self.model.eval()  # no dropout while sampling
         rollout = generate(self.model, batch["prompt_input_ids"], batch["prompt_attention_mask"],
-                           max_new_tokens=hp.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                           max_new_tokens=hp.max_new_tokens, eos_token_id=self.eos_token_ids,
                            pad_token_id=self.tokenizer.pad_token_id, temperature=hp.temperature, top_p=hp.top_p,
                            do_sample=not greedy, stop_strings=hp.stop_strings, tokenizer=self.tokenizer,
                            generator=rollout_generator(hp.seed, self.global_rank, self.global_step, self.device))

@@ -13,7 +13,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from lit_distill.models.loading import save_pretrained
+from lit_distill.models.loading import eos_token_ids, save_pretrained
 from lit_distill.optim import SchedulerCallable
 from lit_distill.rollout import generate
 
@@ -106,12 +106,17 @@ class CausalLMModule(L.LightningModule):
     # ---- generation -----------------------------------------------------------------------------------------
     predict_max_new_tokens = 32
 
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Ids that end a generated sequence: the tokenizer's EOS and the model's generation-config EOS."""
+        return eos_token_ids(self.model, self.tokenizer)
+
     @torch.no_grad()
     def greedy_completions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            max_new_tokens: int) -> list[str]:
         """Greedy continuations of left-padded prompts (B, P), decoded up to EOS."""
         rollout = generate(self.model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                           eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                           eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
                            do_sample=False)
         return [self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
                 for ids, mask in zip(rollout.completions, rollout.completion_mask)]

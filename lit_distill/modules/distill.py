@@ -118,7 +118,7 @@ class DistillModule(CausalLMModule):
                    for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
         prompt_ids, prompt_mask = (t.to(self.device) for t in left_pad(prompts, self.tokenizer.pad_token_id))
         rollout = generate(self.model, prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens,
-                           eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                           eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
                            temperature=hp.sampling_temperature, generator=self._sampler)
         self.model.train(was_training)
         labels = rollout.sequences.clone()  # (B, P + N)

@@ -118,7 +118,7 @@ class OnlineRLModule(CausalLMModule):
         hp = self.hparams
         generator = rollout_generator(hp.seed, self.global_rank, self.global_step, self.device)
         return generate(self.model, prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens,
-                        eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                        eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
                         temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p, do_sample=not greedy,
                         stop_strings=hp.stop_strings, tokenizer=self.tokenizer, generator=generator)
 

@@ -9,12 +9,7 @@ import torch
 
 from lit_distill.data.chat import format_prompt
 from lit_distill.data.collate import tokenize
-from lit_distill.models.loading import (
-    ModelSpec,
-    build_model,
-    count_parameters,
-    load_tokenizer,
-)
+from lit_distill.models.loading import ModelSpec, build_model, count_parameters, eos_token_ids, load_tokenizer
 from lit_distill.rollout import generate, left_pad, rollout_generator
 from lit_distill.teachers.base import AnswerCallback, Teacher, identity_string
 
@@ -60,7 +55,7 @@ class LocalTeacher(Teacher):
         self.seed = seed
         self.tokenizer = load_tokenizer(model.tokenizer or model.name_or_path, trust_remote_code=model.trust_remote_code)
         self.model = build_model(model, self.tokenizer).eval().requires_grad_(False)
-        self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
+        self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
         self._calls = 0  # answer() calls so far: each draws from its own random stream
         if device is not None:
             self.to(device)
@@ -119,14 +114,6 @@ class LocalTeacher(Teacher):
                 if on_answer is not None:
                     on_answer(row, answers[row])
         return answers
-
-
-def _eos_token_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS plus the model's generation-config EOS ids (chat models end a turn with e.g. <|im_end|>)."""
-    ids = [tokenizer.eos_token_id]
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids += configured if isinstance(configured, list) else [configured]
-    return sorted({i for i in ids if i is not None})
 
 
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
