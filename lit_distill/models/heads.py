@@ -7,22 +7,32 @@ import math
 import torch
 from torch import nn
 
+from lit_distill.rollout import position_ids_from_mask
 
-def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, H) hidden states entering the model's output head.
+
+def forward_with_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                               **kwargs) -> tuple[object, torch.Tensor]:
+    """One forward pass returning the model's output and the (B, T', H) hidden states entering its output head
+    (T' = T, or fewer positions when ``kwargs`` holds ``logits_to_keep``).
 
     Captured with a pre-hook on ``get_output_embeddings()``, so it works for any causal LM with an output head
-    (HF models, peft-wrapped models, the pico models) without knowing where its decoder lives.
+    (HF models, peft-wrapped models, the pico models) without knowing where its decoder lives. Position ids come
+    from the mask, so left padding is handled.
     """
     captured = []
     head = model.get_output_embeddings()
     handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
     try:
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        output = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), **kwargs)
     finally:
         handle.remove()
-    return captured[0]
+    return output, captured[0]
+
+
+def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) hidden states entering the model's output head (see ``forward_with_hidden_states``)."""
+    return forward_with_hidden_states(model, input_ids, attention_mask)[1]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

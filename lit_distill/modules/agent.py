@@ -34,7 +34,7 @@ from lit_distill.models.loading import ModelSpec, build_model, count_parameters,
 from lit_distill.modules.base import CausalLMModule, causal_lm_logits, default_optimizer
 from lit_distill.optim import SchedulerCallable
 from lit_distill.rewards import ReferenceMatch, Reward, SentenceEmbeddingCosine
-from lit_distill.rollout import Rollout, generate, rollout_generator, sequence_logprobs
+from lit_distill.rollout import Rollout, rollout_generator, sequence_logprobs
 from lit_distill.teachers import CachedTeacher, Teacher
 
 SIMILARITIES = ("exact", "f1", "bleu", "semantic")
@@ -122,20 +122,13 @@ class AgentModule(CausalLMModule):
         # model to the device it is on costs nothing.
         return self.teacher.to(self.device).answer(questions)
 
-    @torch.no_grad()
     def student_answers(self, batch: dict, greedy: bool) -> tuple[Rollout, list[str]]:
         hp = self.hparams
-        was_training = self.model.training
-        self.model.eval()  # no dropout while sampling
-        rollout = generate(self.model, batch["prompt_input_ids"], batch["prompt_attention_mask"],
-                           max_new_tokens=hp.max_new_tokens, eos_token_id=self.eos_token_ids,
-                           pad_token_id=self.tokenizer.pad_token_id, temperature=hp.temperature, top_p=hp.top_p,
-                           do_sample=not greedy, stop_strings=hp.stop_strings, tokenizer=self.tokenizer,
-                           generator=rollout_generator(hp.seed, self.global_rank, self.global_step, self.device))
-        self.model.train(was_training)
-        answers = [self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
-                   for ids, mask in zip(rollout.completions, rollout.completion_mask)]
-        return rollout, answers
+        rollout = self.complete(batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                                max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_p=hp.top_p,
+                                do_sample=not greedy, stop_strings=hp.stop_strings,
+                                generator=rollout_generator(hp.seed, self.global_rank, self.global_step, self.device))
+        return rollout, [answer.strip() for answer in self.decode_completions(rollout)]
 
     def similarity(self, batch: dict, answers: list[str], references: list) -> Tensor:
         """(B,) similarity of each answer to its reference (a string or a list of acceptable strings)."""
@@ -237,11 +230,7 @@ class AgentModule(CausalLMModule):
     def evaluate(self, dataloader, max_batches: Optional[int] = None) -> dict[str, float]:
         """Greedy answer accuracy vs the teacher (and vs gold) over ``dataloader`` (outside the Trainer loop)."""
         totals: dict[str, list[Tensor]] = {}
-        for index, batch in enumerate(dataloader):
-            if max_batches is not None and index >= max_batches:
-                break
-            batch = {key: value.to(self.device) if isinstance(value, Tensor) else value
-                     for key, value in batch.items()}
+        for batch in self.batches_on_device(dataloader, max_batches):
             for name, values in self.evaluation_results(batch).items():
                 totals.setdefault(name, []).append(values.float().cpu())
         names = {"correct": "accuracy_vs_teacher", "similarity": "similarity", "correct_gold": "accuracy_vs_gold",

@@ -4,7 +4,9 @@ checkpoints, and saving the trained model in Hugging Face format."""
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Iterator
 from typing import Optional
 
 import lightning as L
@@ -15,7 +17,7 @@ from torch import nn
 
 from lit_distill.models.loading import eos_token_ids, save_pretrained
 from lit_distill.optim import SchedulerCallable
-from lit_distill.rollout import generate
+from lit_distill.rollout import Rollout, generate, position_ids_from_mask
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -24,8 +26,8 @@ def default_optimizer(params) -> torch.optim.Optimizer:
 
 def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits (B, T, V) with position ids derived from the mask, so left padding is handled."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask)).logits
 
 
 class CausalLMModule(L.LightningModule):
@@ -106,20 +108,38 @@ class CausalLMModule(L.LightningModule):
     # ---- generation -----------------------------------------------------------------------------------------
     predict_max_new_tokens = 32
 
-    @property
-    def eos_token_ids(self) -> list[int]:
-        """Ids that end a generated sequence: the tokenizer's EOS and the model's generation-config EOS."""
-        return eos_token_ids(self.model, self.tokenizer)
-
     @torch.no_grad()
+    def complete(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **sampling) -> Rollout:
+        """Continue left-padded prompts (B, P) with the trained model, in eval mode (no dropout while sampling).
+
+        ``generate`` with the run's tokenizer and end ids (the tokenizer's EOS and the model's generation-config
+        EOS, e.g. <|im_end|>); ``sampling`` holds its other arguments (``max_new_tokens``, ``temperature``, ...).
+        """
+        was_training = self.model.training
+        self.model.eval()
+        rollout = generate(self.model, input_ids, attention_mask,
+                           eos_token_id=eos_token_ids(self.model, self.tokenizer),
+                           pad_token_id=self.tokenizer.pad_token_id, tokenizer=self.tokenizer, **sampling)
+        self.model.train(was_training)
+        return rollout
+
+    def decode_completions(self, rollout: Rollout) -> list[str]:
+        """The completions of ``rollout`` as text, up to and without their end token."""
+        return [self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+                for ids, mask in zip(rollout.completions, rollout.completion_mask)]
+
     def greedy_completions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            max_new_tokens: int) -> list[str]:
         """Greedy continuations of left-padded prompts (B, P), decoded up to EOS."""
-        rollout = generate(self.model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                           eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
-                           do_sample=False)
-        return [self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
-                for ids, mask in zip(rollout.completions, rollout.completion_mask)]
+        return self.decode_completions(self.complete(input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                                     do_sample=False))
+
+    def batches_on_device(self, dataloader, max_batches: Optional[int] = None) -> Iterator[dict]:
+        """The first ``max_batches`` batches of ``dataloader`` (all when None), tensors on the module's device; for
+        evaluation outside the Trainer loop."""
+        for batch in itertools.islice(dataloader, max_batches):
+            yield {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                   for key, value in batch.items()}
 
     def predict_step(self, batch, batch_idx):
         """Greedy continuation of every example of the batch (its prompt when it has one, else its input ids)."""

@@ -20,7 +20,7 @@ from lit_distill.losses import DIVERGENCES, kd_loss
 from lit_distill.models.loading import ModelSpec, build_model, count_parameters, load_tokenizer
 from lit_distill.modules.base import CausalLMModule, causal_lm_logits, default_optimizer
 from lit_distill.optim import SchedulerCallable
-from lit_distill.rollout import generate, left_pad
+from lit_distill.rollout import left_pad
 
 IGNORE_INDEX = -100
 
@@ -111,16 +111,12 @@ class DistillModule(CausalLMModule):
         hp = self.hparams
         if self._sampler is None:
             self._sampler = torch.Generator(device=self.device).manual_seed(hp.seed + self.global_rank)
-        was_training = self.model.training
-        self.model.eval()  # no dropout while sampling
         # The first prompt_tokens real tokens of each row, left-padded whatever the batch's padding side.
         prompts = [ids[mask.bool()][: hp.prompt_tokens].tolist()
                    for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
         prompt_ids, prompt_mask = (t.to(self.device) for t in left_pad(prompts, self.tokenizer.pad_token_id))
-        rollout = generate(self.model, prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens,
-                           eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
-                           temperature=hp.sampling_temperature, generator=self._sampler)
-        self.model.train(was_training)
+        rollout = self.complete(prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens,
+                                temperature=hp.sampling_temperature, generator=self._sampler)
         labels = rollout.sequences.clone()  # (B, P + N)
         labels[:, : rollout.prompt_length] = IGNORE_INDEX
         labels[:, rollout.prompt_length:][rollout.completion_mask == 0] = IGNORE_INDEX
@@ -151,10 +147,7 @@ class DistillModule(CausalLMModule):
         divergence = MeanMetric().to(self.device)
         was_training = self.training
         self.eval()
-        for index, batch in enumerate(dataloader):
-            if max_batches is not None and index >= max_batches:
-                break
-            batch = {key: value.to(self.device) for key, value in batch.items()}
+        for batch in self.batches_on_device(dataloader, max_batches):
             student_logits, teacher_logits, _, stats = self.distill_loss(batch, self.hparams.alpha, reduction="mean")
             student_ppl.update(student_logits[:, :-1].float(), batch["labels"][:, 1:])
             teacher_ppl.update(teacher_logits[:, :-1].float(), batch["labels"][:, 1:])

@@ -112,8 +112,7 @@ class DPOModule(CausalLMModule):
         for split in ("train", "validation"):
             loader = DataLoader(datamodule.datasets[split], batch_size=datamodule.hparams.batch_size,
                                 collate_fn=datamodule.collate_fn(split))
-            for batch in loader:
-                batch = {key: value.to(self.device) for key, value in batch.items()}
+            for batch in self.batches_on_device(loader):
                 chosen, rejected = self.live_reference_logps(batch)
                 for row in range(len(chosen)):
                     self.precomputed[pair_key(batch, row)] = (chosen[row].item(), rejected[row].item())

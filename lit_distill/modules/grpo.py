@@ -104,7 +104,7 @@ class GRPOModule(OnlineRLModule):
             step_loss = torch.zeros((), device=self.device)
             for rows in micro:
                 forward = completion_forward(self.model, rollout.sequences[rows], rollout.attention_mask[rows],
-                                             rollout.prompt_length, hp.temperature)
+                                             rollout.prompt_length, hp.temperature, entropy="detached")
                 old = old_logprobs[rows] if old_logprobs is not None else forward.logprobs.detach()
                 numerator, _, stats = grpo_loss(
                     forward.logprobs, old, advantages[rows].to(self.device), mask[rows], loss_type=hp.loss_type,

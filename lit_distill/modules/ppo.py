@@ -157,7 +157,7 @@ class PPOModule(OnlineRLModule):
         hp, rollout = self.hparams, experience["rollout"]
         sequences, attention, mask = rollout.sequences[rows], rollout.attention_mask[rows], experience["mask"][rows]
         forward = completion_forward(self.model, sequences, attention, rollout.prompt_length, hp.temperature,
-                                     entropy_grad=hp.entropy_coef != 0)
+                                     entropy="differentiable" if hp.entropy_coef else "detached")
         values = self.values(forward, sequences, attention, rollout.prompt_length)
         policy_loss, policy_stats = clipped_policy_loss(forward.logprobs, experience["old_logprobs"][rows],
                                                         experience["advantages"][rows], mask, clip_eps=hp.clip_eps)

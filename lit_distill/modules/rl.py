@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -24,11 +24,12 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lit_distill.losses.logprobs import token_logprobs
+from lit_distill.models.heads import forward_with_hidden_states
 from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer
 from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
 from lit_distill.rewards import Reward, WeightedRewards
-from lit_distill.rollout import Rollout, generate, position_ids_from_mask, rollout_generator
+from lit_distill.rollout import Rollout, rollout_generator
 from lit_distill.rollout.sampling import logits_to_keep_kwargs
 
 PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask")
@@ -40,38 +41,37 @@ class CompletionForward:
 
     Attributes:
         logprobs: (B, N) fp32 log-probs of the completion tokens at the sampling temperature.
-        entropy: (B, N) fp32 entropy of the tempered next-token distribution (differentiable only when asked).
+        entropy: (B, N) fp32 entropy of the tempered next-token distribution, when asked for.
         hidden_states: (B, N, H) hidden states entering the output head at those positions.
     """
 
     logprobs: Tensor
-    entropy: Tensor
+    entropy: Optional[Tensor]
     hidden_states: Tensor
 
 
 def completion_forward(model: nn.Module, sequences: Tensor, attention_mask: Tensor, prompt_length: int,
-                       temperature: float, entropy_grad: bool = False) -> CompletionForward:
+                       temperature: float, entropy: Literal["none", "detached", "differentiable"] = "none"
+                       ) -> CompletionForward:
     """Forward ``sequences`` (B, T) through a causal LM and keep what RL losses need on the N completion tokens.
 
-    ``entropy_grad`` keeps the entropy in the graph (for an entropy bonus), at the cost of a (B, N, V) buffer.
+    The entropy costs a full (B, N, V) log-softmax, so it is computed only when asked for: ``"detached"`` for
+    logging, ``"differentiable"`` for an entropy bonus.
     """
     num_new = sequences.size(1) - prompt_length
-    captured = []
-    handle = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    try:
-        # Position t predicts token t + 1: the N completion tokens need positions P - 1 .. T - 2.
-        logits = model(input_ids=sequences, attention_mask=attention_mask,
-                       position_ids=position_ids_from_mask(attention_mask),
-                       **logits_to_keep_kwargs(model, num_new + 1)).logits[:, -num_new - 1:-1]  # (B, N, V)
-    finally:
-        handle.remove()
-    hidden_states = captured[0][:, -num_new - 1:-1]  # (B, N, H)
+    output, hidden_states = forward_with_hidden_states(model, sequences, attention_mask,
+                                                       **logits_to_keep_kwargs(model, num_new + 1))
+    # Position t predicts token t + 1: the N completion tokens need positions P - 1 .. T - 2.
+    logits = output.logits[:, -num_new - 1:-1]  # (B, N, V)
+    hidden_states = hidden_states[:, -num_new - 1:-1]  # (B, N, H)
     completion_mask = attention_mask[:, prompt_length:]
     logprobs = token_logprobs(logits, sequences[:, prompt_length:], temperature).masked_fill(completion_mask == 0, 0)
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
-        entropy = -(log_p.exp() * log_p).sum(-1)  # (B, N)
-    return CompletionForward(logprobs, entropy, hidden_states)
+    token_entropy = None
+    if entropy != "none":
+        with torch.set_grad_enabled(entropy == "differentiable" and torch.is_grad_enabled()):
+            log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+            token_entropy = -(log_p.exp() * log_p).sum(-1)  # (B, N)
+    return CompletionForward(logprobs, token_entropy, hidden_states)
 
 
 class OnlineRLModule(CausalLMModule):
@@ -112,19 +112,12 @@ class OnlineRLModule(CausalLMModule):
         return self
 
     # ---- rollout ------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, greedy: bool = False) -> Rollout:
         """Complete left-padded prompts (B, P) with the policy; each rank and step draws its own samples."""
         hp = self.hparams
-        generator = rollout_generator(hp.seed, self.global_rank, self.global_step, self.device)
-        return generate(self.model, prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens,
-                        eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
-                        temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p, do_sample=not greedy,
-                        stop_strings=hp.stop_strings, tokenizer=self.tokenizer, generator=generator)
-
-    def decode_completions(self, rollout: Rollout) -> list[str]:
-        return [self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
-                for ids, mask in zip(rollout.completions, rollout.completion_mask)]
+        return self.complete(prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens, temperature=hp.temperature,
+                             top_k=hp.top_k, top_p=hp.top_p, do_sample=not greedy, stop_strings=hp.stop_strings,
+                             generator=rollout_generator(hp.seed, self.global_rank, self.global_step, self.device))
 
     @torch.no_grad()
     def score(self, prompts: list[str], completions: list[str], columns: dict) -> Tensor:
@@ -251,11 +244,7 @@ class OnlineRLModule(CausalLMModule):
     def evaluate(self, dataloader, max_batches: Optional[int] = None) -> dict[str, float]:
         """Mean reward and length of greedy completions over ``dataloader`` (outside the Trainer loop)."""
         rewards, lengths = [], []
-        for index, batch in enumerate(dataloader):
-            if max_batches is not None and index >= max_batches:
-                break
-            batch = {key: value.to(self.device) if isinstance(value, Tensor) else value
-                     for key, value in batch.items()}
+        for batch in self.batches_on_device(dataloader, max_batches):
             batch_rewards, rollout = self.greedy_rewards(batch)
             rewards.append(batch_rewards)
             lengths.append(rollout.completion_lengths.float().cpu())
