@@ -44,6 +44,15 @@ def greedy_reference(model, input_ids, attention_mask, steps):
     return input_ids[:, prompt_length:]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch limited to one intra-op thread for a test module (restored after it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return load_tokenizer(TOKENIZER)

@@ -34,13 +34,8 @@ TEXTS = ["Mara lives in Ashford.", "Tomas has a brown dog called Biscuit and he 
 NO_EOS = []  # generate(eos_token_id=[]) never stops early
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on a busy 2-core machine, intra-op threads cost 100x more than the matmuls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These models are tiny: on a busy 2-core machine, intra-op threads cost far more than the matmuls.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(name, tokenizer, seed=0, **overrides):

@@ -82,8 +82,7 @@ def test_ppo_with_zero_lr_has_ratio_exactly_one_and_no_clipping(llama_dir, token
     assert metrics["ppo/ratio"].item() == 1.0
     assert metrics["ppo/clipfrac"].item() == 0.0 and metrics["ppo/approx_kl"].item() == 0.0
     assert trainer.global_step == 8
-    for name, value in trained_parameters(module).items():
-        assert torch.equal(value, before[name]), name
+    assert_unchanged(module, before)
     assert "rollout/kl" in metrics and metrics["rollout/kl"].item() == 0.0  # the reference is the same policy
     for name in ("ppo/value_loss", "ppo/explained_variance", "ppo/entropy", "rollout/reward_mean",
                  "rollout/completion_length", "rewards/letter_count", "perf/tokens_per_s"):
@@ -98,6 +97,11 @@ def test_grpo_with_several_iterations_and_zero_lr_has_ratio_exactly_one(llama_di
     assert metrics["grpo/kl"].item() == 0.0
     for name in ("rollout/reward_mean", "rollout/reward_std", "grpo/frac_zero_std", "grpo/entropy"):
         assert torch.isfinite(metrics[name]), name
+
+
+def assert_unchanged(module, before):
+    for name, value in trained_parameters(module).items():
+        assert torch.equal(value, before[name]), name
 
 
 def one_update(module, tokenizer, batch_size):
@@ -130,8 +134,7 @@ def test_grpo_zero_std_groups_give_zero_advantage_finite_loss_and_no_update(llam
     trainer = fit(module, prompt_batches(tokenizer, batch_size=2, num_batches=1), max_steps=1)
     assert trainer.callback_metrics["grpo/frac_zero_std"].item() == 1.0
     assert trainer.callback_metrics["grpo/loss"].item() == 0.0
-    for name, value in trained_parameters(module).items():
-        assert torch.equal(value, before[name]), name
+    assert_unchanged(module, before)
     assert module.reference is None  # β = 0 builds no reference
 
 
@@ -142,8 +145,7 @@ def test_grpo_masked_truncated_completions_leave_the_loss(llama_dir, tokenizer):
     trainer = fit(module, prompt_batches(tokenizer, batch_size=2, num_batches=1), max_steps=1)
     assert trainer.callback_metrics["rollout/truncated_frac"].item() == 1.0
     assert trainer.callback_metrics["grpo/loss"].item() == 0.0
-    for name, value in trained_parameters(module).items():
-        assert torch.equal(value, before[name]), name
+    assert_unchanged(module, before)
 
 
 def test_ppo_missing_eos_penalty_lowers_the_score_of_truncated_completions(llama_dir, tokenizer):

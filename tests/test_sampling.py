@@ -31,13 +31,8 @@ PAD = 0
 PROMPTS = [[5, 17, 33], [9, 2, 44, 61, 7, 12, 30], [21, 8, 50, 3, 19]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on a busy 2-core machine, intra-op threads cost far more than the matmuls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These models are tiny: on a busy 2-core machine, intra-op threads cost far more than the matmuls.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(kind: str):
