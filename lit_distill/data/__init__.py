@@ -3,7 +3,7 @@ from lit_distill.data.preference import JSONLPreferenceDataModule, SQuADPreferen
 from lit_distill.data.prompts import JSONLPromptDataModule
 from lit_distill.data.questions import QuestionDataModule
 from lit_distill.data.squad import SQuADDataModule
-from lit_distill.data.text import WikiTextDataModule
+from lit_distill.data.text import BilingualDataModule, DialogDataModule, WikiTextDataModule
 
-__all__ = ["JSONLPreferenceDataModule", "JSONLPromptDataModule", "QuestionDataModule", "SQuADDataModule",
-           "SQuADPreferenceDataModule", "WikiTextDataModule"]
+__all__ = ["BilingualDataModule", "DialogDataModule", "JSONLPreferenceDataModule", "JSONLPromptDataModule",
+           "QuestionDataModule", "SQuADDataModule", "SQuADPreferenceDataModule", "WikiTextDataModule"]

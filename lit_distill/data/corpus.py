@@ -14,6 +14,9 @@ Uses:
     for preference pairs (corrupt the gold answer to get a rejected one);
   * :func:`arithmetic_problems`: prompts with a checkable answer, for RL with verifiable rewards;
   * :func:`arithmetic_statements`: the documents' sums cut before the result, raw text with a checkable answer;
+  * :func:`dialogs`: a customer asks an assistant about a person, who describes them and answers follow-ups;
+  * :func:`bilingual_pairs`: sentences paired with their rendering in a synthetic language
+    (:func:`to_synthetic_language`), for translation-style data;
   * :func:`default_tokenizer_path`: the byte-level BPE tokenizer trained on this corpus by
     ``bin/train_tokenizer.py`` and shipped with the package.
 
@@ -93,6 +96,19 @@ QUESTION_TEMPLATES = {
               ("Who is younger, {name} or {other}?", "younger"), ("Who is younger, {other} or {name}?", "younger")),
 }
 ARITHMETIC_PROMPTS = ("What is {a} {op} {b}?", "How much is {a} {op} {b}?", "Calculate {a} {op} {b}.")
+
+# Dialog turns around the facts: the customer's opening question and the (customer, assistant) goodbyes.
+DIALOG_OPENINGS = ("Can you tell me about {name}?", "What do you know about {name}?", "Hello! Who is {name}?")
+DIALOG_CLOSINGS = (("Thank you!", "You are welcome."), ("Thanks, that helps.", "Glad I could help."))
+
+# The synthetic language of :func:`bilingual_pairs`: a fixed letter substitution, vowel for vowel and consonant
+# for consonant so that words stay pronounceable. It is the same for every seed (the language does not change,
+# only the sentences do) and a bijection, so every English word has exactly one, learnable, rendering.
+SYNTHETIC_LANGUAGE = "xx"
+_VOWELS, _CONSONANTS = "aeiou", "bcdfghjklmnpqrstvwxyz"
+_SUBSTITUTE = _VOWELS[2:] + _VOWELS[:2] + _CONSONANTS[7:] + _CONSONANTS[:7]
+SYNTHETIC_ALPHABET = str.maketrans(_VOWELS + _CONSONANTS + (_VOWELS + _CONSONANTS).upper(),
+                                   _SUBSTITUTE + _SUBSTITUTE.upper())
 
 
 @dataclass(frozen=True)
@@ -357,6 +373,64 @@ def arithmetic_statements(num_statements: int, seed: int = 0,
         prompt = template[:template.index(" {result}")].format(a=a, op=op, b=b)
         statements.append(ArithmeticProblem(f"stmt-{seed}-{i}", prompt, str(result)))
     return statements
+
+
+def dialogs(num_dialogs: int, seed: int = 0) -> list[list[str]]:
+    """Customer/assistant dialogs about one person: the customer asks about them, the assistant describes 2-4
+    facts, the customer asks 1-3 follow-up questions about those facts, each answered with a sentence stating the
+    fact again, and both say goodbye. Every answer follows from the dialog itself.
+
+    Args:
+        num_dialogs: how many dialogs to generate.
+        seed: seed of the generator. Asking for more dialogs only appends to the list.
+
+    Returns:
+        ``num_dialogs`` lists of turns (the DailyDialog shape), customer first, then alternating.
+    """
+    _check_count(num_dialogs, "num_dialogs")
+    world = World(seed)
+    rng = world.rng
+    result = []
+    for _ in range(num_dialogs):
+        (person,) = world.people(1)
+        description = world.describe(person, rng.randint(2, 4))
+        turns = [rng.choice(DIALOG_OPENINGS).format(name=person.name), join(description)]
+        for sentence in rng.sample(description, rng.randint(1, min(3, len(description)))):
+            question, _ = rng.choice(QUESTION_TEMPLATES[sentence.fact])
+            answer = render(rng.choice(FACT_TEMPLATES[sentence.fact]), person.fields(use_pronoun=rng.random() < 0.5))
+            turns += [question.format_map(person.fields(use_pronoun=False)), answer.text]
+        result.append(turns + list(rng.choice(DIALOG_CLOSINGS)))
+    return result
+
+
+def to_synthetic_language(text: str) -> str:
+    """Render English in the synthetic language :data:`SYNTHETIC_LANGUAGE` (letters substituted, case, digits,
+    spaces and punctuation kept): ``"Mara lives in Ashford."`` -> ``"Vizi tudob uw Ibqnazm."``."""
+    return text.translate(SYNTHETIC_ALPHABET)
+
+
+def bilingual_pairs(num_pairs: int, seed: int = 0, max_sentences: int = 3) -> list[dict[str, str]]:
+    """Sentence-aligned pairs in the WMT/OPUS ``translation`` shape: 1 to ``max_sentences`` sentences about one
+    person in English and in the synthetic language, ``{"en": ..., SYNTHETIC_LANGUAGE: ...}``.
+
+    Args:
+        num_pairs: how many pairs to generate.
+        seed: seed of the generator (of the sentences; the synthetic language is the same for every seed). Asking
+            for more pairs only appends to the list.
+        max_sentences: most sentences per pair, at least 1.
+
+    Returns:
+        ``num_pairs`` dicts mapping language code to text.
+    """
+    _check_count(num_pairs, "num_pairs")
+    if max_sentences < 1:
+        raise ValueError(f"max_sentences must be >= 1, got {max_sentences}")
+    world = World(seed)
+    pairs = []
+    for _ in range(num_pairs):
+        english = join(world.paragraph(world.rng.randint(1, max_sentences)))
+        pairs.append({"en": english, SYNTHETIC_LANGUAGE: to_synthetic_language(english)})
+    return pairs
 
 
 def default_tokenizer_path() -> str:
