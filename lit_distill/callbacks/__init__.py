@@ -1,4 +1,6 @@
 """Lightning callbacks."""
+from lit_distill.callbacks.curriculum import Autocurriculum
 from lit_distill.callbacks.report import DistillReport, EvaluationReport
+from lit_distill.callbacks.samples import PromptSamples
 
-__all__ = ["DistillReport", "EvaluationReport"]
+__all__ = ["Autocurriculum", "DistillReport", "EvaluationReport", "PromptSamples"]
