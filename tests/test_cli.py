@@ -92,9 +92,11 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(llama_dir,
               "--model.init_args.teacher.name_or_path", llama_dir, "--model.init_args.student.tokenizer", llama_dir,
               "--data.init_args.tokenizer", llama_dir, "--data.init_args.embedded_documents", "200",
               "--data.init_args.block_size", "32", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
-              "--trainer.callbacks", "[]", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+              "--trainer.enable_progress_bar", "false"]
+    # With the config's CSV logger and DistillReport: the report reads the log dir (a collective) on every rank.
     run_cli(common + ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.init_args.batch_size", "4",
                       "--model.init_args.save_dir", str(tmp_path / "ddp")], cwd=tmp_path)
+    assert list(tmp_path.rglob("distill_report.json"))
     run_cli(common + ["--trainer.devices", "1", "--data.init_args.batch_size", "8",
                       "--model.init_args.save_dir", str(tmp_path / "single")], cwd=tmp_path)
     ddp = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp").state_dict()

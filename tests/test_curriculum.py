@@ -11,7 +11,7 @@ from lit_distill.cli import LitDistillCLI
 from lit_distill.models.loading import load_tokenizer
 from lit_distill.data.curriculum import (CurriculumSampler, CurriculumState, SequentialMixtureSampler, apply_floor,
                                          curriculum_update)
-from test_cli import run_cli
+from test_cli import ROOT, run_cli
 
 # ---- the update rule -----------------------------------------------------------------------------------------
 
@@ -163,7 +163,7 @@ model:
     model: {{tokenizer: lit-distill/tokenizer, config: {MODEL}}}
     optimizer: {{class_path: torch.optim.AdamW, init_args: {{lr: 0.01}}}}
 data:
-  class_path: lit_distill.data.curriculum.CurriculumDataModule
+  class_path: lit_distill.data.CurriculumDataModule
   init_args:
     batch_size: 4
     batches_per_epoch: 7
@@ -226,7 +226,8 @@ def test_datasets_must_share_one_tokenizer(tmp_path, monkeypatch):
     tokenizer = load_tokenizer("lit-distill/tokenizer")
     tokenizer.add_tokens(["<extra>"])
     tokenizer.save_pretrained(tmp_path / "extended")
-    other = SFT_CONFIG.replace("{embedded_examples: 80,", f"{{tokenizer: {tmp_path / 'extended'}, embedded_examples: 80,")
+    extended = tmp_path / "extended"
+    other = SFT_CONFIG.replace("{embedded_examples: 80,", f"{{tokenizer: {extended}, embedded_examples: 80,")
     (tmp_path / "curriculum.yaml").write_text(other)
     with pytest.raises(ValueError, match="datasets.qa uses a tokenizer .* different vocabulary from datasets.text"):
         LitDistillCLI(args=["--config", str(tmp_path / "curriculum.yaml")], run=False)
@@ -265,7 +266,7 @@ def test_distill_and_grpo_train_on_a_curriculum(tmp_path, monkeypatch):
             num_generations: 2
             max_new_tokens: 4
         data:
-          class_path: lit_distill.data.curriculum.CurriculumDataModule
+          class_path: lit_distill.data.CurriculumDataModule
           init_args:
             batch_size: 2
             difficulty_sample_size: 4
@@ -322,3 +323,20 @@ def test_ddp_ranks_agree_on_weights_and_split_the_measurement(tmp_path):
     assert rank0[-1]["weights"] != rank0[0]["weights"]
     # Step 0's measurement uses the same initial model: 4 + 4 examples per dataset on two ranks, 8 on one.
     torch.testing.assert_close(torch.tensor(rank0[0]["difficulty"]), torch.tensor(single[0]["difficulty"]))
+
+
+def test_quickstart_moves_the_weights_and_writes_checkpoints_and_samples(tmp_path, monkeypatch):
+    """The curriculum quickstart, shortened to 100 steps: the weights leave uniform, towards the dataset the snapshot
+    scored hardest, and the run leaves its best/last checkpoints, sample table and saved model."""
+    monkeypatch.chdir(tmp_path)
+    overrides = ["--trainer.max_epochs", "2", "--data.init_args.batches_per_epoch", "50"]
+    for name in ("dialog", "text", "synthetic_language"):
+        overrides += [f"--data.init_args.datasets.{name}.init_args.embedded_documents", "300"]
+    cli = LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/curriculum/quickstart.yaml"), *overrides])
+    datamodule = cli.datamodule
+    assert (datamodule.weights - 1 / 3).abs().max() > 0.05
+    assert datamodule.weights.argmax() == datamodule.difficulty.argmax()
+    run = tmp_path / "runs/curriculum_quickstart"
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["epoch=1-step=100.ckpt", "last.ckpt"]
+    assert len((run / "version_0/samples.jsonl").read_text().splitlines()) == 3 * 2  # step 0 and the end
+    assert (run / "model/model.safetensors").exists()

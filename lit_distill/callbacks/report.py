@@ -36,18 +36,19 @@ class EvaluationReport(L.Callback):
         self.before = self._evaluate(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
-        self.write(trainer, self._evaluate(trainer, pl_module))
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not only the one that writes
+        self.write(trainer, self._evaluate(trainer, pl_module), log_dir)
 
     @rank_zero_only
-    def write(self, trainer: L.Trainer, after: dict[str, float]) -> None:
+    def write(self, trainer: L.Trainer, after: dict[str, float], log_dir: Optional[str]) -> None:
         report = {f"{name}_{when}": values[name] for name in after
                   for when, values in (("before", self.before), ("after", after))}
         report["steps"] = trainer.global_step
         width = max(len(name) for name in after)
         print("\n".join([f"{self.title} (validation data)"] + [
             f"  {name:<{width}}  before {self.before[name]:12.4f}   after {after[name]:12.4f}" for name in after]))
-        if trainer.log_dir:
-            path = Path(trainer.log_dir) / self.filename
+        if log_dir:
+            path = Path(log_dir) / self.filename
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=2))
 
