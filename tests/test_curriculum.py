@@ -154,7 +154,7 @@ trainer:
     init_args: {{save_dir: logs, name: run}}
   callbacks:
     - class_path: lit_distill.callbacks.Autocurriculum
-      init_args: {{estimate_every: 3, refresh_every: 4}}
+      init_args: {{estimate_every: 3, refresh_every: 5}}
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{monitor: val/loss, save_top_k: 1, save_last: true, dirpath: checkpoints}}
 model:
@@ -307,7 +307,7 @@ def test_ddp_ranks_agree_on_weights_and_split_the_measurement(tmp_path):
     """2 CPU processes: identical weights on both ranks at every step, batches of one dataset per step with
     different examples, and the measurement split over the ranks equals the 1-process one."""
     (tmp_path / "recorder.py").write_text(DDP_RECORDER)
-    measured = "      init_args: {estimate_every: 3, refresh_every: 4}\n"
+    measured = "      init_args: {estimate_every: 3, refresh_every: 5}\n"
     config = SFT_CONFIG.replace(measured, measured + "    - class_path: recorder.RecordCurriculum\n")
     (tmp_path / "curriculum.yaml").write_text(config)
     common = ["fit", "--config", "curriculum.yaml", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
