@@ -326,16 +326,18 @@ def test_ddp_ranks_agree_on_weights_and_split_the_measurement(tmp_path):
 
 
 def test_quickstart_moves_the_weights_and_writes_checkpoints_and_samples(tmp_path, monkeypatch):
-    """The curriculum quickstart, shortened to 100 steps: the weights leave uniform, towards the dataset the snapshot
-    scored hardest, and the run leaves its best/last checkpoints, sample table and saved model."""
+    """The curriculum quickstart, shortened to 100 steps (with a larger step size η to make up for it): the weights
+    leave uniform, the easiest dataset (the dialogs) loses weight, and the run leaves its best/last checkpoints, sample
+    table and saved model."""
     monkeypatch.chdir(tmp_path)
-    overrides = ["--trainer.max_epochs", "2", "--data.init_args.batches_per_epoch", "50"]
+    overrides = ["--trainer.max_epochs", "2", "--data.init_args.batches_per_epoch", "50", "--data.init_args.lr", "0.15"]
     for name in ("dialog", "text", "synthetic_language"):
         overrides += [f"--data.init_args.datasets.{name}.init_args.embedded_documents", "300"]
     cli = LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/curriculum/quickstart.yaml"), *overrides])
     datamodule = cli.datamodule
     assert (datamodule.weights - 1 / 3).abs().max() > 0.05
-    assert datamodule.weights.argmax() == datamodule.difficulty.argmax()
+    assert datamodule.difficulty.argmin() == datamodule.names.index("dialog")
+    assert datamodule.weights.argmin() == datamodule.names.index("dialog")
     run = tmp_path / "runs/curriculum_quickstart"
     assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["epoch=1-step=100.ckpt", "last.ckpt"]
     assert len((run / "version_0/samples.jsonl").read_text().splitlines()) == 3 * 2  # step 0 and the end

@@ -11,7 +11,6 @@ weights (kept identical by the callback), and takes its own shard of that datase
 
 from __future__ import annotations
 
-import hashlib
 from typing import Callable, NamedTuple, Optional
 
 import lightning as L
@@ -20,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from lit_distill.data.base import EncodedDataModule
+from lit_distill.rollout import seeded_generator
 
 
 class CurriculumState(NamedTuple):
@@ -125,14 +125,8 @@ class MixtureCollate:
         return self.collate_fns[dataset_index](examples)
 
 
-def _generator(*parts: int) -> torch.Generator:
-    """A generator seeded by a tuple of integers (stable across processes and Python versions)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") % 2 ** 63)
-
-
 def _permutation(length: int, *seed_parts: int) -> list[int]:
-    return torch.randperm(length, generator=_generator(*seed_parts)).tolist()
+    return torch.randperm(length, generator=seeded_generator(*seed_parts)).tolist()
 
 
 class CurriculumSampler(DistributedSampler):
@@ -173,7 +167,7 @@ class CurriculumSampler(DistributedSampler):
         return self.num_batches
 
     def __iter__(self):
-        choice = _generator(self.seed, self.epoch)
+        choice = seeded_generator(self.seed, self.epoch)
         cursors = [0] * len(self.lengths)
         cycles = [0] * len(self.lengths)
         orders = [_permutation(length, self.seed, self.epoch, d, 0) for d, length in enumerate(self.lengths)]

@@ -20,7 +20,7 @@ from lit_distill.losses import DIVERGENCES, kd_loss
 from lit_distill.models.loading import ModelSpec, build_model, count_parameters, load_tokenizer
 from lit_distill.modules.base import CausalLMModule, causal_lm_logits, default_optimizer
 from lit_distill.optim import SchedulerCallable
-from lit_distill.rollout import left_pad
+from lit_distill.rollout import left_pad, rollout_generator
 
 IGNORE_INDEX = -100
 
@@ -47,7 +47,7 @@ class DistillModule(CausalLMModule):
             prompt_tokens: prefix of each example kept as the prompt of an on-policy batch.
             max_new_tokens: completion budget of an on-policy batch.
             sampling_temperature: temperature of on-policy sampling.
-            seed: base seed of on-policy sampling (each rank adds its rank).
+            seed: base seed of on-policy sampling (a stream per rank and step: :func:`rollout_generator`).
         """
         super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
         if divergence not in DIVERGENCES:
@@ -67,7 +67,6 @@ class DistillModule(CausalLMModule):
         self.teacher = build_model(teacher, teacher_tokenizer).eval().requires_grad_(False)
         self.student_ppl, self.teacher_ppl = Perplexity(IGNORE_INDEX), Perplexity(IGNORE_INDEX)
         self.mean_divergence = MeanMetric()
-        self._sampler: Optional[torch.Generator] = None
 
     def train(self, mode: bool = True):
         """Lightning switches the whole module to train mode each epoch; the teacher stays in eval (no dropout)."""
@@ -109,14 +108,14 @@ class DistillModule(CausalLMModule):
         """Replace each example by its first ``prompt_tokens`` tokens plus the student's sampled completion;
         labels cover only the completion (up to and including EOS)."""
         hp = self.hparams
-        if self._sampler is None:
-            self._sampler = torch.Generator(device=self.device).manual_seed(hp.seed + self.global_rank)
         # The first prompt_tokens real tokens of each row, left-padded whatever the batch's padding side.
         prompts = [ids[mask.bool()][: hp.prompt_tokens].tolist()
                    for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
         prompt_ids, prompt_mask = (t.to(self.device) for t in left_pad(prompts, self.tokenizer.pad_token_id))
         rollout = self.complete(prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens,
-                                temperature=hp.sampling_temperature, generator=self._sampler)
+                                temperature=hp.sampling_temperature,
+                                generator=rollout_generator(hp.seed, self.global_rank, self.global_step,
+                                                            self.device))
         labels = rollout.sequences.clone()  # (B, P + N)
         labels[:, : rollout.prompt_length] = IGNORE_INDEX
         labels[:, rollout.prompt_length:][rollout.completion_mask == 0] = IGNORE_INDEX

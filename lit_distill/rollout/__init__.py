@@ -8,8 +8,9 @@ from lit_distill.rollout.sampling import (
     left_pad,
     position_ids_from_mask,
     rollout_generator,
+    seeded_generator,
     sequence_logprobs,
 )
 
 __all__ = ["FinishReason", "Rollout", "generate", "generation_mode", "left_pad", "position_ids_from_mask",
-           "rollout_generator", "sequence_logprobs"]
+           "rollout_generator", "seeded_generator", "sequence_logprobs"]

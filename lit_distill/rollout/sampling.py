@@ -261,12 +261,21 @@ def generation_mode(model: nn.Module) -> Iterator[None]:
             module.gradient_checkpointing = True
 
 
+def seeded_generator(*parts: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` seeded by a tuple of non-negative integers, e.g. ``(seed, rank, step)``: the seed hashes
+    the tuple with NumPy's ``SeedSequence`` (built to derive independent streams from such tuples), so nearby tuples
+    give unrelated streams, identically in every process."""
+    if min(parts) < 0:
+        raise ValueError(f"seed parts must be >= 0, got {parts}")
+    state = np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
 def rollout_generator(seed: int, rank: int, step: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A random generator for one rank's rollouts at one training step.
 
     Data-parallel ranks share the prompt order but must draw different completions, and a run resumed at step s must
-    redraw the samples of step s: the generator's seed hashes ``(seed, rank, step)`` with NumPy's ``SeedSequence``
-    (built to derive independent streams from such tuples), so nearby tuples give unrelated streams.
+    redraw the samples of step s: hence :func:`seeded_generator` of ``(seed, rank, step)``.
 
     Args:
         seed: the run's seed (>= 0).
@@ -279,8 +288,7 @@ def rollout_generator(seed: int, rank: int, step: int, device: str | torch.devic
     """
     if min(seed, rank, step) < 0:
         raise ValueError(f"seed, rank and step must be >= 0, got {seed}, {rank}, {step}")
-    state = np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state))
+    return seeded_generator(seed, rank, step, device=device)
 
 
 @torch.no_grad()
