@@ -107,6 +107,13 @@ def _real_tokens_first(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return order, counts[:, -1], counts
 
 
+def _cache_argument(past_key_values, kwargs: dict):
+    """The cache the caller passed: transformers >= 5.24 passes it as ``cache`` (``generate`` does), earlier
+    versions and our sampling engine as ``past_key_values``."""
+    cache = kwargs.pop("cache", None)
+    return past_key_values if past_key_values is not None else cache
+
+
 def _is_empty_cache(past_key_values) -> bool:
     """True for no cache or an empty HF cache (our sampling engine starts every rollout with ``DynamicCache()``)."""
     return past_key_values is None or (isinstance(past_key_values, Cache) and past_key_values.get_seq_length() == 0)
@@ -341,6 +348,7 @@ class PicoTransformerForCausalLM(PicoTransformerPreTrainedModel, GenerationMixin
                 logits_to_keep: Union[int, Tensor] = 0, inputs_embeds: Optional[Tensor] = None,
                 **kwargs) -> CausalLMOutputWithPast:
         """Logits (B, S', V) for the kept positions; ``past_key_values`` is the updated ``DynamicCache``."""
+        past_key_values = _cache_argument(past_key_values, kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds)
         logits = self.lm_head(_keep_last(out.last_hidden_state, logits_to_keep))
@@ -428,6 +436,7 @@ class PicoLSTMForCausalLM(PreTrainedModel, GenerationMixin):
 
         ``position_ids`` are ignored (the recurrence orders the tokens); masked tokens leave the state unchanged.
         """
+        past_key_values = _cache_argument(past_key_values, kwargs)
         batch, length = input_ids.shape
         x = self.dropout(self.embed_tokens(input_ids))  # (B, S, H)
         if _is_empty_cache(past_key_values):
@@ -567,6 +576,7 @@ class PicoKGramForCausalLM(PreTrainedModel, GenerationMixin):
 
         ``position_ids`` are ignored; masked tokens are skipped (they enter no context and leave the cache alone).
         """
+        past_key_values = _cache_argument(past_key_values, kwargs)
         k = self.config.context_size
         batch, length = input_ids.shape
         if _is_empty_cache(past_key_values):
