@@ -342,3 +342,30 @@ def test_quickstart_moves_the_weights_and_writes_checkpoints_and_samples(tmp_pat
     assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["epoch=1-step=100.ckpt", "last.ckpt"]
     assert len((run / "version_0/samples.jsonl").read_text().splitlines()) == 3 * 2  # step 0 and the end
     assert (run / "model/model.safetensors").exists()
+
+
+def test_example_losses_against_a_naive_per_example_mean(llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lit_distill.callbacks.curriculum import example_losses
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    input_ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    labels = torch.tensor([[-100, -100, 7, 8, 9], [-100, 11, 12, -100, -100]])
+    with torch.no_grad():
+        losses = example_losses(model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+        expected = []
+        for row in range(2):
+            logits = model(input_ids[row:row + 1, :attention_mask[row].sum()]).logits[0]  # (T, V) unpadded
+            scored = [t for t in range(1, int(attention_mask[row].sum())) if labels[row, t] != -100]
+            expected.append(-sum(logits[t - 1].log_softmax(-1)[labels[row, t]] for t in scored) / len(scored))
+        torch.testing.assert_close(losses, torch.stack(expected), rtol=1e-5, atol=1e-5)
+        # A prompt-only batch (left-padded) scores its real prompt tokens after the first.
+        prompt = {"prompt_input_ids": torch.tensor([[0, 5, 6, 7]]),
+                  "prompt_attention_mask": torch.tensor([[0, 1, 1, 1]])}
+        logits = model(torch.tensor([[5, 6, 7]])).logits[0]
+        naive = -(logits[0].log_softmax(-1)[6] + logits[1].log_softmax(-1)[7]) / 2
+        torch.testing.assert_close(example_losses(model, prompt), naive[None], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="neither .*chosen_input_ids"):
+        example_losses(model, {"chosen_input_ids": input_ids})

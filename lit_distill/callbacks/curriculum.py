@@ -19,13 +19,18 @@ def example_losses(model: nn.Module, batch: dict) -> Tensor:
     """Per-example mean token negative log-likelihood (B,) of a batch of any of the package's DataModules.
 
     Supervised batches (``labels``) score their labelled tokens (e.g. a SQuAD answer, every token of a text
-    block); prompt-only batches (RL prompts, questions) score the prompt's own tokens.
+    block); prompt-only batches (RL prompts, questions) score the prompt's own tokens after its first.
     """
     if "labels" in batch:
         input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    else:
+    elif "prompt_input_ids" in batch:
         input_ids, attention_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
         labels = input_ids.masked_fill(attention_mask == 0, -100)  # (B, P)
+        # A left-padded row's first real token would be scored from a pad: it has no context, so it is not scored.
+        labels[torch.arange(len(labels)), attention_mask.argmax(-1)] = -100
+    else:
+        raise ValueError(f"the curriculum scores batches with labels (text, SFT) or prompts (RL, questions); this "
+                         f"dataset's batches have neither (keys {sorted(batch)}), e.g. preference pairs")
     logits = causal_lm_logits(model, input_ids, attention_mask)  # (B, T, V)
     logps, num_tokens = sequence_logprobs_from_logits(logits, labels)  # (B,), (B,)
     return -logps / num_tokens.clamp(min=1)
@@ -97,7 +102,10 @@ class Autocurriculum(L.Callback):
         for index in range(count):
             for batch in datamodule.difficulty_batches(index, trainer.global_rank, trainer.world_size):
                 batch = {k: v.to(pl_module.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                losses = example_losses(self.snapshot, batch).double()  # (B,)
+                try:
+                    losses = example_losses(self.snapshot, batch).double()  # (B,)
+                except ValueError as err:
+                    raise ValueError(f"datasets.{datamodule.names[index]}: {err}") from err
                 sums[index] += torch.stack([torch.tensor(float(len(losses)), device=losses.device), losses.sum(),
                                             losses.square().sum()])
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
