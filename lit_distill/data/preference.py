@@ -25,7 +25,7 @@ from lit_distill.data.base import EncodedDataModule
 from lit_distill.data.chat import format_prompt
 from lit_distill.data.collate import (EncodingError, SkipLog, Truncation, collate_preference,
                                       encode_preference, holdout)
-from lit_distill.data.io import DataFileError, find_split_file, read_jsonl
+from lit_distill.data.io import DataFileError, find_split_file, read_numbered_jsonl
 from lit_distill.data.squad import DEFAULT_PROMPT_TEMPLATE, SQuADDataModule, SQuADExample
 from lit_distill.models.loading import load_tokenizer
 
@@ -218,15 +218,12 @@ def read_preference_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     Raises:
         DataFileError: ``file:line`` of a malformed line, a missing or non-string field, or a non-numeric margin.
     """
-    rows = read_jsonl(path, required=PREFERENCE_FIELDS, strings=PREFERENCE_FIELDS)
-    # read_jsonl skips blank lines; number the others the same way to report file:line.
-    with Path(path).expanduser().open(encoding="utf-8") as handle:
-        line_numbers = [number for number, line in enumerate(handle, start=1) if line.strip()]
-    for number, row in zip(line_numbers, rows):
+    rows = read_numbered_jsonl(path, required=PREFERENCE_FIELDS, strings=PREFERENCE_FIELDS)
+    for number, row in rows:
         margin = row.get("margin", 0.0)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)):
             raise DataFileError(f"{path}:{number}: field 'margin' must be a number, got {type(margin).__name__}")
-    return list(zip(line_numbers, rows))
+    return rows
 
 
 class JSONLPreferenceDataModule(EncodedDataModule):
