@@ -53,37 +53,16 @@ def load_model(source: str, dtype: str = "float32"):
         raise GenerateError(str(err)) from err
 
 
-# ---- prompts ------------------------------------------------------------------------------------------------------
-def read_prompts_file(path: str) -> list[str]:
-    """Prompts of a text file (one per non-blank line) or of a ``.jsonl`` file (a ``prompt`` field per line)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise GenerateError(f"prompts file '{path}' does not exist")
-    lines = [(number, line) for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1)
-             if line.strip()]
-    if file.suffix == ".jsonl":
-        prompts = []
-        for number, line in lines:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise GenerateError(f"{path}:{number}: not valid JSON: {err}") from err
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise GenerateError(f"{path}:{number}: expected an object with a string 'prompt' field")
-            prompts.append(row["prompt"])
-    else:
-        prompts = [line for _, line in lines]
-    if not prompts:
-        raise GenerateError(f"prompts file '{path}' holds no prompts")
-    return prompts
-
-
 # ---- generation ---------------------------------------------------------------------------------------------------
 def complete(model, tokenizer, prompts: list[str], *, chat_template: str = "none", max_new_tokens: int = 64,
              batch_size: int = 8, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, device: str = "cpu") -> list[str]:
-    """Completions of ``prompts`` (in order), generated in left-padded batches."""
+             top_p: float = 1.0, seed: int = 0, stop_strings: tuple[str, ...] = (),
+             device: str = "cpu") -> list[str]:
+    """Completions of ``prompts`` (in order), generated in left-padded batches; each ends at the model's end
+    tokens (the tokenizer's EOS and the generation config's, e.g. <|im_end|>) or with the token that completes one
+    of ``stop_strings``."""
     from lit_distill.data.chat import format_prompt
+    from lit_distill.models.loading import eos_token_ids
     from lit_distill.rollout import generate
     from lit_distill.rollout.sampling import left_pad
 
@@ -97,9 +76,9 @@ def complete(model, tokenizer, prompts: list[str], *, chat_template: str = "none
                 raise GenerateError(f"prompt {start + offset + 1} is empty once formatted and tokenized")
         input_ids, attention_mask = left_pad(token_ids, tokenizer.pad_token_id)  # (B, P)
         rollout = generate(model, input_ids.to(device), attention_mask.to(device), max_new_tokens=max_new_tokens,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
                            temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
-                           generator=generator)
+                           generator=generator, stop_strings=stop_strings, tokenizer=tokenizer)
         completions += [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
                         for ids, mask in zip(rollout.completions.cpu(), rollout.completion_mask.cpu())]
     return completions
@@ -121,6 +100,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=0, help="0 disables")
     parser.add_argument("--top-p", type=float, default=1.0, help="1 disables")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    parser.add_argument("--stop", action="append", default=[],
+                        help="end a completion with the token that completes this string (repeatable)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--output", type=Path, help="write the JSON lines here instead of stdout")
@@ -137,13 +118,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     """Run the command line; returns the written rows. Raises :class:`GenerateError` on bad input."""
     args = parse_args(argv)
-    prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    from lit_distill.data.io import DataFileError, read_prompts_file
+
+    try:
+        prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    except (DataFileError, FileNotFoundError) as err:
+        raise GenerateError(str(err)) from err
     model, tokenizer = load_model(args.model, args.dtype)
     model.to(args.device)
     completions = complete(model, tokenizer, prompts, chat_template=args.chat_template,
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           device=args.device)
+                           stop_strings=tuple(args.stop), device=args.device)
     rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if args.output:

@@ -117,3 +117,12 @@ def test_errors(script, llama_dir, tmp_path):
         script.main([llama_dir, "--prompts-file", str(bad)])
     with pytest.raises(SystemExit):  # argparse: no prompts at all
         script.main([llama_dir])
+
+
+def test_stop_strings_end_completions(script, llama_dir, capsys):
+    free = script.main([llama_dir, "--prompt", "Anna lives in", "--max-new-tokens", "12"])[0]["completion"]
+    assert len(free) > 2
+    stop = free[1:3]  # two characters the greedy completion produces early
+    stopped = script.main([llama_dir, "--prompt", "Anna lives in", "--max-new-tokens", "12", "--stop", stop])
+    completion = stopped[0]["completion"]
+    assert stop in completion and free.startswith(completion) and len(completion) < len(free)

@@ -13,30 +13,10 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from lit_distill.data.chat import format_prompt
 from lit_distill.data.collate import tokenize
-from lit_distill.data.io import DataFileError, JSONL_SUFFIXES, TEXT_SUFFIXES, read_numbered_jsonl, read_texts
+from lit_distill.data.io import read_prompts_file
 from lit_distill.rollout import left_pad, rollout_generator
 
 COLUMNS = ["step", "prompt", "completion"]
-
-
-def read_prompts_file(path: str) -> list[str]:
-    """Prompts of a text file (one per non-blank line) or of a JSONL file (a string ``prompt`` field per line).
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        DataFileError: a malformed line (the message names ``file:line``), another file type, or no prompts.
-    """
-    suffix = Path(path).suffix
-    if suffix in JSONL_SUFFIXES:
-        prompts = [row["prompt"] for _, row in read_numbered_jsonl(path, required=["prompt"], strings=["prompt"])]
-    elif suffix in TEXT_SUFFIXES:
-        prompts = [line for line in read_texts(path) if line.strip()]
-    else:
-        raise DataFileError(f"{path}: unsupported prompts file type '{suffix}'; expected one of "
-                            f"{TEXT_SUFFIXES + JSONL_SUFFIXES}")
-    if not prompts:
-        raise DataFileError(f"{path}: holds no prompts")
-    return prompts
 
 
 def markdown_table(rows: list[dict]) -> str:

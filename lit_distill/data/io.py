@@ -72,6 +72,26 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
                         f"{TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES}")
 
 
+def read_prompts_file(path: str) -> list[str]:
+    """Prompts of a text file (one per non-blank line) or of a JSONL file (a string ``prompt`` field per line).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        DataFileError: a malformed line (the message names ``file:line``), another file type, or no prompts.
+    """
+    suffix = Path(path).suffix
+    if suffix in JSONL_SUFFIXES:
+        prompts = [row["prompt"] for _, row in read_numbered_jsonl(path, required=["prompt"], strings=["prompt"])]
+    elif suffix in TEXT_SUFFIXES:
+        prompts = [line for line in read_texts(path) if line.strip()]
+    else:
+        raise DataFileError(f"{path}: unsupported prompts file type '{suffix}'; expected one of "
+                            f"{TEXT_SUFFIXES + JSONL_SUFFIXES}")
+    if not prompts:
+        raise DataFileError(f"{path}: holds no prompts")
+    return prompts
+
+
 def find_split_file(directory: str | Path, split: str) -> Optional[Path]:
     """The file for ``split`` in a directory laid out as ``train.jsonl``, ``validation.txt``, ``test.parquet``…"""
     names = {"validation": ("validation", "valid", "val"), "train": ("train",), "test": ("test",)}[split]
