@@ -131,9 +131,9 @@ def test_evaluation_sampler_covers_every_example_once_across_ranks():
 
 
 def test_sampler_rejects_a_dataset_smaller_than_one_step():
-    with pytest.raises(ValueError, match="dataset 1 has 3 training examples"):
+    with pytest.raises(ValueError, match="datasets.small has 3 training examples"):
         CurriculumSampler([10, 3], torch.ones(2, dtype=torch.float64) / 2, torch.zeros(2), batch_size=2,
-                          num_batches=1, num_replicas=2)
+                          num_batches=1, num_replicas=2, names=["large", "small"])
 
 
 # ---- end to end through the CLI -----------------------------------------------------------------------------

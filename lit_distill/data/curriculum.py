@@ -144,7 +144,8 @@ class CurriculumSampler(DistributedSampler):
     """
 
     def __init__(self, lengths: list[int], weights: Tensor, samples_drawn: Tensor, batch_size: int,
-                 num_batches: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+                 num_batches: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 names: Optional[list[str]] = None):
         """
         Args:
             lengths: examples in each of the D datasets.
@@ -152,6 +153,7 @@ class CurriculumSampler(DistributedSampler):
             samples_drawn: (D,) counter of examples drawn per dataset over all ranks, increased in place.
             batch_size: examples per batch on this rank.
             num_batches: batches per epoch on each rank.
+            names: the datasets' names, for error messages.
         """
         self.lengths, self.weights, self.samples_drawn = lengths, weights, samples_drawn
         self.batch_size, self.num_batches = batch_size, num_batches
@@ -160,7 +162,8 @@ class CurriculumSampler(DistributedSampler):
         step_size = batch_size * num_replicas
         for index, length in enumerate(lengths):
             if length < step_size:
-                raise ValueError(f"dataset {index} has {length} training examples, fewer than one step needs "
+                name = f"datasets.{names[index]}" if names else f"dataset {index}"
+                raise ValueError(f"{name} has {length} training examples, fewer than one step needs "
                                  f"(batch_size {batch_size} × {num_replicas} ranks)")
 
     def __len__(self) -> int:
@@ -304,7 +307,7 @@ class CurriculumDataModule(L.LightningDataModule):
         lengths = [len(d) for d in dataset.datasets]
         num_batches = hp.batches_per_epoch or max(1, sum(lengths) // (hp.batch_size * world_size))
         sampler = CurriculumSampler(lengths, self.weights, self.samples_drawn, hp.batch_size, num_batches,
-                                    world_size, rank, hp.seed)
+                                    world_size, rank, hp.seed, names=self.names)
         # batch_size=None: each key the sampler yields is a whole batch.
         return DataLoader(dataset, sampler=sampler, batch_size=None, collate_fn=collate, num_workers=hp.num_workers)
 
