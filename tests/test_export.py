@@ -209,6 +209,8 @@ def test_errors(llama_dir, tokenizer, tmp_path, monkeypatch, capsys):
         export(llama_dir, str(tmp_path / "out"), ["onnx"])
     with pytest.raises(ExportError, match="unknown GGUF type"):
         export(llama_dir, str(tmp_path / "out"), ["gguf"], gguf_types=("q3_k_s",))
+    with pytest.raises(ExportError, match="chat_template '.*nope.jinja' is neither 'default', 'none' nor"):
+        export(llama_dir, str(tmp_path / "out"), ["merged"], chat_template=str(tmp_path / "nope.jinja"))
     pico_dir = tmp_path / "pico"
     build_model(ModelSpec(config={"model_type": "pico_lstm", "hidden_size": 16, "num_hidden_layers": 1}),
                 tokenizer).save_pretrained(pico_dir)

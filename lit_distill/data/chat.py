@@ -29,6 +29,20 @@ def _read_template(path: str) -> str:
     return file.read_text(encoding="utf-8")
 
 
+def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str) -> Optional[str]:
+    """The Jinja template that ``chat_template`` names: None for ``"none"``; for ``"default"`` the tokenizer's own,
+    or :data:`DEFAULT_CHAT_TEMPLATE` if it has none; otherwise the contents of that template file.
+
+    Raises:
+        FileNotFoundError: ``chat_template`` is neither keyword nor an existing file.
+    """
+    if chat_template == "none":
+        return None
+    if chat_template == "default":
+        return tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+    return _read_template(chat_template)
+
+
 def format_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str, chat_template: str = "default",
                   system: Optional[str] = None) -> str:
     """The text a model is given to answer ``user_text``, ending where its reply starts.
@@ -44,12 +58,9 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str, chat_templ
     Returns:
         The formatted prompt, with the generation prompt (e.g. ``<|assistant|>\\n``) appended.
     """
-    if chat_template == "none":
+    template = resolve_chat_template(tokenizer, chat_template)
+    if template is None:
         return user_text
-    if chat_template == "default":
-        template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
-    else:
-        template = _read_template(chat_template)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
     return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
                                          tokenize=False)

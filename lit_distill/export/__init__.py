@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
 
+from lit_distill.data.chat import resolve_chat_template
 from lit_distill.export.errors import ExportError
 from lit_distill.export.gguf import GGUF_TYPES, check_gguf_types, export_gguf
 from lit_distill.export.hf import check_merged_4bit, merged_model, save_adapter, save_merged, save_merged_4bit
@@ -23,21 +23,6 @@ FORMATS = ("adapter", "merged", "merged-4bit", "gguf")
 MERGED_DTYPES = ("float16", "bfloat16", "float32")
 # Errors a user can cause; the command line prints them without a traceback.
 EXPORT_ERRORS = (ModelSourceError, ExportError)
-
-
-def resolve_chat_template(tokenizer, chat_template: str) -> Optional[str]:
-    """The template to ship: ``"default"``: the tokenizer's own, else the package's default (what the DataModules
-    and ``bin/generate.py`` use for ``chat_template: default``); ``"none"``: none; else a Jinja template file."""
-    from lit_distill.data.chat import DEFAULT_CHAT_TEMPLATE
-
-    if chat_template == "none":
-        return None
-    if chat_template == "default":
-        return tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
-    file = Path(chat_template).expanduser()
-    if not file.is_file():
-        raise ExportError(f"chat template '{chat_template}' is neither 'default', 'none' nor an existing Jinja file")
-    return file.read_text(encoding="utf-8")
 
 
 def export(source: str, output_dir: str, formats: list[str], dtype: str = "float16",
@@ -51,7 +36,8 @@ def export(source: str, output_dir: str, formats: list[str], dtype: str = "float
         formats: some of :data:`FORMATS`.
         dtype: dtype of ``merged/`` (and the compute dtype of ``merged-4bit/``).
         gguf_types: some of :data:`~lit_distill.export.gguf.GGUF_TYPES`, for format ``gguf``.
-        chat_template: see :func:`resolve_chat_template`.
+        chat_template: ``"default"`` (the tokenizer's template, else the package's), ``"none"``, or a Jinja
+            template file; see :func:`~lit_distill.data.chat.resolve_chat_template`.
         name: GGUF file stem and ``general.name``.
 
     Returns:
@@ -70,7 +56,10 @@ def export(source: str, output_dir: str, formats: list[str], dtype: str = "float
     if "merged-4bit" in formats:
         check_merged_4bit()
     model, tokenizer = load_trained_model(source)
-    tokenizer.chat_template = resolve_chat_template(tokenizer, chat_template)
+    try:
+        tokenizer.chat_template = resolve_chat_template(tokenizer, chat_template)
+    except FileNotFoundError as err:
+        raise ExportError(str(err)) from err
     output = Path(output_dir)
     written: dict[str, list[Path]] = {}
     if "adapter" in formats:
@@ -94,5 +83,4 @@ def export(source: str, output_dir: str, formats: list[str], dtype: str = "float
     return written
 
 
-__all__ = ["EXPORT_ERRORS", "ExportError", "FORMATS", "GGUF_TYPES", "MERGED_DTYPES", "export",
-           "resolve_chat_template"]
+__all__ = ["EXPORT_ERRORS", "ExportError", "FORMATS", "GGUF_TYPES", "MERGED_DTYPES", "export"]
