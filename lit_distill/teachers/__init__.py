@@ -9,6 +9,7 @@ from lit_distill.teachers.cache import CachedTeacher
 from lit_distill.teachers.http import HTTPTeacher
 from lit_distill.teachers.local import LocalTeacher
 from lit_distill.teachers.questions import generate_questions, parse_questions, write_questions
+from lit_distill.teachers.writing import CompletionWriter, WritingError, write_completions
 
-__all__ = ["CachedTeacher", "HTTPTeacher", "LocalTeacher", "Teacher", "TeacherError", "generate_questions",
-           "parse_questions", "write_questions"]
+__all__ = ["CachedTeacher", "CompletionWriter", "HTTPTeacher", "LocalTeacher", "Teacher", "TeacherError",
+           "WritingError", "generate_questions", "parse_questions", "write_completions", "write_questions"]
