@@ -4,6 +4,7 @@ from lit_distill.losses.kd import DIVERGENCES, KDStats, align_vocab, kd_loss, to
 from lit_distill.losses.logprobs import sequence_logprobs_from_logits, token_logprobs
 from lit_distill.losses.ppo import PolicyStats, ValueStats, clipped_policy_loss, clipped_value_loss
 from lit_distill.losses.preference import DPO_LOSS_TYPES, DPOStats, RewardStats, dpo_loss, reward_loss
+from lit_distill.losses.topk_kd import topk_kd_loss
 from lit_distill.losses.rl import (KL_ESTIMATORS, SCALE_REWARDS, gae, group_advantages, kl_estimate, masked_mean,
                                    masked_sum, masked_var, masked_whiten)
 
@@ -11,4 +12,4 @@ __all__ = ["DIVERGENCES", "DPO_LOSS_TYPES", "DPOStats", "GRPOStats", "GRPO_LOSS_
            "PolicyStats", "RewardStats", "SCALE_REWARDS", "ValueStats", "align_vocab", "clipped_policy_loss",
            "clipped_value_loss", "dpo_loss", "gae", "group_advantages", "grpo_denominator", "grpo_loss", "kd_loss", "kl_estimate",
            "masked_mean", "masked_sum", "masked_var", "masked_whiten", "reward_loss", "sequence_logprobs_from_logits",
-           "token_divergence", "token_logprobs"]
+           "token_divergence", "token_logprobs", "topk_kd_loss"]

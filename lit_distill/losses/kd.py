@@ -47,7 +47,19 @@ def _check_divergence_args(divergence: str, temperature: float, beta: float) -> 
         raise ValueError(f"beta must be in [0, 1) for {divergence} (beta = 1 makes it identically 0), got {beta}")
 
 
-def _log_probs(logits: Tensor, temperature: float) -> Tensor:
+def check_kd_args(divergence: str, temperature: float, beta: float, alpha: float, reduction: str,
+                  chunk_size: Optional[int]) -> None:
+    """The argument checks of ``kd_loss`` and ``topk_kd_loss``; ValueError naming the bad argument."""
+    _check_divergence_args(divergence, temperature, beta)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+
+
+def log_probs(logits: Tensor, temperature: float) -> Tensor:
     """log_softmax(logits / temperature) over the last dim, with -inf (masked-out logits) clamped to the most
     negative finite value: the probability is still 0, but p · log p becomes 0 · finite = 0 instead of NaN."""
     if temperature != 1.0:
@@ -67,7 +79,7 @@ def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
     return torch.logaddexp(log_p + math.log(weight), log_q + math.log1p(-weight))
 
 
-def _divergence(log_p_s: Tensor, log_p_t: Tensor, divergence: str, beta: float) -> Tensor:
+def divergence_from_log_probs(log_p_s: Tensor, log_p_t: Tensor, divergence: str, beta: float) -> Tensor:
     """Per-token divergence from student and teacher log-probabilities; (N, V), (N, V) -> (N,)."""
     if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
         return _kl(log_p_t, log_p_s)
@@ -118,9 +130,9 @@ def token_divergence(student_logits: Tensor, teacher_logits: Tensor, divergence:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape (see align_vocab)")
     dtype = compute_dtype(student_logits, teacher_logits)
-    log_p_s = _log_probs(student_logits.to(dtype), temperature)
-    log_p_t = _log_probs(teacher_logits.detach().to(dtype), temperature)
-    return _divergence(log_p_s, log_p_t, divergence, beta)
+    log_p_s = log_probs(student_logits.to(dtype), temperature)
+    log_p_t = log_probs(teacher_logits.detach().to(dtype), temperature)
+    return divergence_from_log_probs(log_p_s, log_p_t, divergence, beta)
 
 
 def align_vocab(student_logits: Tensor, teacher_logits: Tensor,
@@ -156,21 +168,32 @@ def align_vocab(student_logits: Tensor, teacher_logits: Tensor,
     return student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
 
 
-def _chunk_sums(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, divergence: str,
-                temperature: float, beta: float, dtype: torch.dtype) -> Tensor:
-    """(n, V), (n, V), (n,) -> (2,): the chunk's summed cross-entropy and summed divergence."""
-    student_logits, teacher_logits = student_logits.to(dtype), teacher_logits.to(dtype)  # (n, V) upcast
-    log_p_s = _log_probs(student_logits, 1.0)
+def student_log_probs(student_logits: Tensor, labels: Tensor, temperature: float,
+                      dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(n, V), (n,) -> the summed hard-label cross-entropy at temperature 1 (scalar) and the student's
+    log-probabilities at ``temperature`` (n, V), both in ``dtype``."""
+    log_p_s = log_probs(student_logits.to(dtype), 1.0)  # (n, V) upcast
     ce = -log_p_s.gather(-1, labels[:, None]).sum()
     if temperature != 1.0:
-        log_p_s = _log_probs(student_logits, temperature)
-    divergence_sum = _divergence(log_p_s, _log_probs(teacher_logits, temperature), divergence, beta).sum()
-    return torch.stack([ce, divergence_sum])
+        log_p_s = log_probs(student_logits.to(dtype), temperature)
+    return ce, log_p_s
 
 
-class _ChunkedKD(torch.autograd.Function):
+def _chunk_sums(student_logits: Tensor, teacher: tuple[Tensor], labels: Tensor, divergence: str,
+                temperature: float, beta: float, dtype: torch.dtype) -> Tensor:
+    """(n, V), ((n, V),), (n,) -> (2,): the chunk's summed cross-entropy and summed divergence."""
+    ce, log_p_s = student_log_probs(student_logits, labels, temperature, dtype)
+    log_p_t = log_probs(teacher[0].to(dtype), temperature)
+    return torch.stack([ce, divergence_from_log_probs(log_p_s, log_p_t, divergence, beta).sum()])
+
+
+class ChunkedKD(torch.autograd.Function):
     """The weighted loss sum over unmasked positions, ``chunk_size`` positions at a time, with each chunk's
     gradient computed during the forward pass.
+
+    ``teacher`` is a tuple of tensors indexed like ``labels`` in their leading (B, T) dims: the teacher's logits
+    (B, T, V) for the full-vocabulary loss, or its cached top-k ids, log-probs and tail (``topk_kd_loss``).
+    ``chunk_sums(student (n, V), teacher rows, labels (n,))`` returns the chunk's (CE sum, divergence sum).
 
     The loss is a sum of per-position terms, so the gradient of a position's logits depends on that position only.
     Computing it chunk by chunk in forward bounds peak memory to the student's gradient buffer (in the student's
@@ -179,22 +202,23 @@ class _ChunkedKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, positions, weights, chunk_size, chunk_sums):
+    def forward(ctx, student_logits, teacher, labels, positions, weights, chunk_size, chunk_sums):
         needs_grad = ctx.needs_input_grad[0]
         grad = torch.zeros_like(student_logits) if needs_grad else None  # (B, T, V)
         sums = weights.new_zeros(2)  # (CE sum, divergence sum)
         for chunk in positions.split(chunk_size):  # (n, 2) (batch, time) indices of unmasked positions
             batch_index, time_index = chunk.unbind(-1)
             student = student_logits[batch_index, time_index]  # (n, V): a copy of this chunk only
-            teacher, targets = teacher_logits[batch_index, time_index], labels[batch_index, time_index]
+            rows = tuple(tensor[batch_index, time_index] for tensor in teacher)
+            targets = labels[batch_index, time_index]
             if needs_grad:
                 with torch.enable_grad():
                     student = student.detach().requires_grad_(True)
-                    chunk_sum = chunk_sums(student, teacher, targets)  # (2,)
+                    chunk_sum = chunk_sums(student, rows, targets)  # (2,)
                     (chunk_grad,) = torch.autograd.grad(weights @ chunk_sum, student)
                 grad[batch_index, time_index] = chunk_grad
             else:
-                chunk_sum = chunk_sums(student, teacher, targets)
+                chunk_sum = chunk_sums(student, rows, targets)
             sums += chunk_sum.detach()
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(sums)
@@ -219,7 +243,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, d
 
     Inputs are already aligned: position t of the logits predicts ``labels[:, t]`` (the caller shifts).
     Only unmasked rows are used. With ``chunk_size`` they are processed that many at a time in fp32, each chunk's
-    gradient being computed in the forward pass (``_ChunkedKD``), so memory beyond the inputs is one gradient
+    gradient being computed in the forward pass (``ChunkedKD``), so memory beyond the inputs is one gradient
     buffer plus one chunk's intermediates. Chunked and unchunked results agree up to summation order.
 
     Args:
@@ -242,13 +266,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, d
     Raises:
         ValueError: for an invalid argument (named in the message) or mismatched (B, T) shapes.
     """
-    _check_divergence_args(divergence, temperature, beta)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    check_kd_args(divergence, temperature, beta, alpha, reduction, chunk_size)
     if not student_logits.shape[:-1] == teacher_logits.shape[:-1] == labels.shape:
         raise ValueError(f"student_logits {tuple(student_logits.shape)}, teacher_logits "
                          f"{tuple(teacher_logits.shape)} and labels {tuple(labels.shape)} must share the leading "
@@ -256,18 +274,27 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, d
     student_logits, teacher_logits = align_vocab(student_logits, teacher_logits.detach(), vocab_size)
     dtype = compute_dtype(student_logits, teacher_logits)
 
+    chunk_sums = partial(_chunk_sums, divergence=divergence, temperature=temperature, beta=beta, dtype=dtype)
+    return reduce_kd(student_logits, (teacher_logits,), labels, chunk_sums, alpha=alpha, temperature=temperature,
+                     ignore_index=ignore_index, chunk_size=chunk_size, reduction=reduction, dtype=dtype)
+
+
+def reduce_kd(student_logits: Tensor, teacher: tuple[Tensor, ...], labels: Tensor, chunk_sums, *, alpha: float,
+              temperature: float, ignore_index: int, chunk_size: Optional[int], reduction: str,
+              dtype: torch.dtype) -> tuple[Tensor, KDStats]:
+    """``alpha · CE + (1 − alpha) · T² · D`` summed over unmasked positions (all at once or chunked) and reduced;
+    what ``kd_loss`` and ``topk_kd_loss`` share once their per-chunk ``chunk_sums`` is fixed."""
     mask = labels != ignore_index  # (B, T)
     num_tokens = mask.sum()
-    chunk_sums = partial(_chunk_sums, divergence=divergence, temperature=temperature, beta=beta, dtype=dtype)
     weights = torch.tensor([alpha, (1.0 - alpha) * temperature ** 2], dtype=dtype, device=student_logits.device)
     if chunk_size is None:
-        # Indexing the (B, T, V) views with the (B, T) mask copies only the unmasked rows, even from the
+        # Indexing the (B, T, ...) views with the (B, T) mask copies only the unmasked rows, even from the
         # non-contiguous slices made by the causal shift and align_vocab.
-        sums = chunk_sums(student_logits[mask], teacher_logits[mask], labels[mask])  # (2,)
+        sums = chunk_sums(student_logits[mask], tuple(tensor[mask] for tensor in teacher), labels[mask])  # (2,)
         loss = weights @ sums
     else:
-        loss, sums = _ChunkedKD.apply(student_logits, teacher_logits, labels, mask.nonzero(), weights, chunk_size,
-                                      chunk_sums)
+        loss, sums = ChunkedKD.apply(student_logits, teacher, labels, mask.nonzero(), weights, chunk_size,
+                                     chunk_sums)
     ce_sum, divergence_sum = sums.detach().unbind()  # (2,) -> two scalars
 
     denominator = num_tokens.clamp(min=1)  # an all-masked batch has zero sums: its mean is 0, not NaN
