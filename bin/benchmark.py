@@ -255,7 +255,7 @@ def throughput(args: argparse.Namespace) -> dict:
     from lit_distill.data import WikiTextDataModule
     from lit_distill.models.loading import count_parameters
     from lit_distill.modules import DistillModule
-    from lit_distill.modules.base import causal_lm_logits
+    from lit_distill.models.forward import causal_lm_logits
 
     device = torch.device(args.device)
     quiet_lightning()

@@ -9,7 +9,7 @@ from conftest import greedy_reference
 from lit_distill.models.loading import LoRASpec, ModelSpec, apply_lora, build_model, keep_decoder_layers
 from lit_distill.models.pico import (PicoKGramCache, PicoKGramConfig, PicoKGramForCausalLM, PicoLSTMForCausalLM, PicoLSTMState,
                                      PicoTransformerConfig, PicoTransformerForCausalLM)
-from lit_distill.modules.base import causal_lm_logits
+from lit_distill.models.forward import causal_lm_logits
 from lit_distill.rollout import generate, left_pad, position_ids_from_mask, sequence_logprobs
 
 # initializer_range above the 0.02 default so that random models have peaked, prompt-dependent logits: with

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lit_distill.data.curriculum import CurriculumDataModule
 from lit_distill.losses.logprobs import sequence_logprobs_from_logits
-from lit_distill.modules.base import causal_lm_logits
+from lit_distill.models.forward import causal_lm_logits
 
 
 def example_losses(model: nn.Module, batch: dict) -> Tensor:

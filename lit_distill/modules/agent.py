@@ -31,7 +31,8 @@ from lit_distill.data.collate import collate_sft, join, tokenize_completion
 from lit_distill.data.squad import SQuADDataModule
 from lit_distill.losses.logprobs import sequence_logprobs_from_logits
 from lit_distill.models.loading import ModelSpec, build_model, count_parameters, load_tokenizer
-from lit_distill.modules.base import CausalLMModule, causal_lm_logits, default_optimizer
+from lit_distill.models.forward import causal_lm_logits
+from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
 from lit_distill.rewards import ReferenceMatch, Reward, SentenceEmbeddingCosine
 from lit_distill.rollout import Rollout, rollout_generator, sequence_logprobs

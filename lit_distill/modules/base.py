@@ -17,17 +17,11 @@ from torch import nn
 
 from lit_distill.models.loading import eos_token_ids, save_pretrained
 from lit_distill.optim import SchedulerCallable
-from lit_distill.rollout import Rollout, generate, position_ids_from_mask
+from lit_distill.rollout import Rollout, generate
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4)
-
-
-def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits (B, T, V) with position ids derived from the mask, so left padding is handled."""
-    return model(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask)).logits
 
 
 class CausalLMModule(L.LightningModule):

@@ -18,7 +18,8 @@ from torchmetrics import MeanMetric
 
 from lit_distill.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logprobs_from_logits
 from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer
-from lit_distill.modules.base import CausalLMModule, causal_lm_logits, default_optimizer
+from lit_distill.models.forward import causal_lm_logits
+from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
 
 

@@ -10,7 +10,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.text import SQuAD, Perplexity
 
 from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer
-from lit_distill.modules.base import CausalLMModule, causal_lm_logits, default_optimizer
+from lit_distill.models.forward import causal_lm_logits
+from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
 
 

@@ -1,0 +1,14 @@
+"""The forward pass every trainer, evaluator and teacher-cache builder shares."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lit_distill.rollout.sampling import position_ids_from_mask
+
+
+def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) with position ids derived from the mask, so left padding is handled."""
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask)).logits
