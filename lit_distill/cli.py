@@ -2,14 +2,21 @@
 
 LightningCLI in subclass mode: ``model`` and ``data`` take a ``class_path`` to any LightningModule or
 LightningDataModule, the package's or a user's, and several ``--config`` files compose left to right.
+
+Other commands: ``cache-teacher --config X.yaml`` (the teacher-logit cache of a DistillModule config),
+``write-data`` (teacher-written training text) and ``export`` (adapters, merged weights, GGUF).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import time
+from typing import Optional
 
 import lightning as L
+import torch
+from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
 
 import lit_distill.data  # noqa: F401  (registers the DataModules for short class names)
@@ -32,6 +39,12 @@ class _TopLevelInstantiator(_InstantiatorFn):
                                 **kwargs)
 
 
+COMMANDS_HELP = """other commands (each takes --help):
+  cache-teacher --config X.yaml [--output DIR]   cache a DistillModule config's teacher top-k log-probs (resumable)
+  write-data --model M --prompts P --output F    have a teacher write completions of prompts (sequence-level KD)
+  export SOURCE --output DIR --formats ...       LoRA adapter, merged weights, GGUF"""
+
+
 class LitDistillCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
         super().__init__(
@@ -42,6 +55,7 @@ class LitDistillCLI(LightningCLI):
             # Modules build their own optimizer over trainable parameters only (never a frozen teacher).
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"epilog": COMMANDS_HELP} if run else {"description": CacheTeacherCLI.__doc__},
             args=args,
             run=run,
         )
@@ -52,12 +66,70 @@ class LitDistillCLI(LightningCLI):
                                      subclasses=True)
 
 
+class CacheTeacherCLI(LitDistillCLI):
+    """python -m lit_distill cache-teacher --config X.yaml [--output DIR]: run the teacher of a DistillModule config
+    over its DataModule's splits and write the top-k log-probabilities (model.init_args.logit_cache, or --output).
+    Resumable: finished shards are kept, a rerun writes only the missing ones. Only the DataModule is built here;
+    the teacher loads only where a shard is missing, and the student never."""
+
+    def __init__(self, args=None):
+        super().__init__(args=args, run=False)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--output", type=Optional[str], default=None,
+                            help="cache directory (default: model.init_args.logit_cache.path)")
+        parser.add_argument("--device", type=Optional[str], default=None, help="teacher device (default: cuda if "
+                            "available, else cpu)")
+
+    def instantiate_classes(self) -> None:
+        from lit_distill.models.loading import load_tokenizer
+        from lit_distill.modules.distill import DistillModule
+        from lit_distill.teachers.logit_cache import LogitCacheError, LogitCacheSpec, build_logit_cache
+
+        model = self.config.model
+        if not issubclass(_import(model.class_path), DistillModule):
+            raise LogitCacheError(f"cache-teacher needs a DistillModule config; model.class_path is "
+                                  f"{model.class_path}")
+        module_parser = ArgumentParser(exit_on_error=False)
+        module_parser.add_class_arguments(DistillModule, "model", instantiate=False, sub_configs=True)
+        init = module_parser.instantiate(module_parser.parse_object({"model": model.init_args.as_dict()})).model
+        spec = init.logit_cache or (LogitCacheSpec(path=self.config.output) if self.config.output else None)
+        if spec is None:
+            raise LogitCacheError("the config has no model.init_args.logit_cache: add one (path, top_k, ...) or "
+                                  "pass --output DIR")
+        if self.config.output:
+            spec.path = self.config.output
+        data_only = self.config.clone()
+        data_only.model = None
+        datamodule = self.parser.instantiate(data_only).data
+        device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        start = time.perf_counter()
+        path = build_logit_cache(spec, init.teacher, load_tokenizer(init.student.tokenizer or
+                                                                    init.student.name_or_path),
+                                 datamodule, init.temperature, device=device)
+        size = sum(file.stat().st_size for file in path.glob("*/shard-*.safetensors"))
+        print(f"teacher cache {path}: {size / 2 ** 20:.1f} MiB in {time.perf_counter() - start:.1f} s")
+
+
+def _import(class_path: str):
+    module_name, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
+
+
 def main(args=None) -> None:
-    """``export ...`` goes to the export command; everything else to LightningCLI (``fit``, ``validate``, ...)."""
+    """``export``/``cache-teacher``/``write-data`` go to their commands; everything else to LightningCLI (``fit``,
+    ``validate``, ...)."""
     argv = sys.argv[1:] if args is None else args
-    if isinstance(argv, list) and argv[:1] == ["export"]:
+    command = argv[0] if isinstance(argv, list) and argv else None
+    if command == "export":
         from lit_distill.export.command import main as export_main
 
         export_main(argv[1:])
+    elif command == "cache-teacher":
+        CacheTeacherCLI(args=argv[1:])
+    elif command == "write-data":
+        from lit_distill.teachers.writing import main as write_data_main
+
+        write_data_main(argv[1:])
     else:
         LitDistillCLI(args=args)

@@ -4,6 +4,10 @@ Off-policy batches come from the data: loss = alpha·CE(labels) + (1 − alpha)�
 On-policy batches (GKD, Agarwal et al. 2024), drawn with probability ``on_policy_fraction``: the student
 completes the first ``prompt_tokens`` tokens of each example itself (KV-cached sampling), and only the
 divergence is taken on its own completion tokens — cross-entropy on self-generated text would teach nothing.
+
+Offline (``logit_cache``): the teacher's top-k log-probabilities on the training and validation data are read
+from a cache built once (``python -m lit_distill cache-teacher``, or here in ``setup`` when the cache is
+missing), and the divergence is the top-k-plus-tail one of ``losses.topk_kd_loss``; no teacher is loaded.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
-from lit_distill.losses import DIVERGENCES, kd_loss
+from lit_distill.losses import DIVERGENCES, kd_loss, token_logprobs, topk_kd_loss
 from lit_distill.models.loading import ModelSpec, build_model, count_parameters, load_tokenizer
-from lit_distill.modules.base import CausalLMModule, causal_lm_logits, default_optimizer
+from lit_distill.models.forward import causal_lm_logits
+from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
 from lit_distill.rollout import left_pad, rollout_generator
+from lit_distill.teachers.logit_cache import (LogitCache, LogitCacheSpec, build_logit_cache, config_summary,
+                                              expected_manifest)
 
 IGNORE_INDEX = -100
 
@@ -31,13 +38,14 @@ class DistillModule(CausalLMModule):
     def __init__(self, student: ModelSpec, teacher: ModelSpec, divergence: str = "forward_kl",
                  temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5, chunk_size: Optional[int] = None,
                  on_policy_fraction: float = 0.0, prompt_tokens: int = 16, max_new_tokens: int = 32,
-                 sampling_temperature: float = 1.0, seed: int = 0,
+                 sampling_temperature: float = 1.0, seed: int = 0, logit_cache: Optional[LogitCacheSpec] = None,
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
                  save_dir: Optional[str] = None, merge_lora: bool = False):
         """
         Args:
             student: the trained model; its tokenizer is the run's tokenizer.
             teacher: the frozen model; ``teacher.dtype`` may be lower precision (its logits are upcast in the loss).
+                With ``logit_cache`` it is not loaded, only checked against what the cache was built from.
             divergence: one of ``lit_distill.losses.DIVERGENCES``.
             temperature: T dividing both logits; the divergence term is scaled by T².
             alpha: weight of the hard-label cross-entropy; ``1 − alpha`` weighs the divergence.
@@ -48,14 +56,27 @@ class DistillModule(CausalLMModule):
             max_new_tokens: completion budget of an on-policy batch.
             sampling_temperature: temperature of on-policy sampling.
             seed: base seed of on-policy sampling (a stream per rank and step: :func:`rollout_generator`).
+            logit_cache: train from the teacher's cached top-k log-probabilities (built in ``setup`` where missing)
+                instead of running the teacher; needs ``on_policy_fraction`` 0.
         """
         super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence '{divergence}' is not one of {DIVERGENCES}")
         if not 0.0 <= on_policy_fraction <= 1.0:
             raise ValueError(f"on_policy_fraction must be in [0, 1], got {on_policy_fraction}")
+        if logit_cache is not None and on_policy_fraction > 0:
+            raise ValueError("on_policy_fraction > 0 needs the live teacher to score the student's own samples; a "
+                             "logit_cache holds the teacher's outputs on the data only: drop one of the two")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.tokenizer = load_tokenizer(student.tokenizer or student.name_or_path)
+        self.model = build_model(student, self.tokenizer).train()  # from_pretrained returns eval mode
+        self.student_ppl, self.teacher_nll, self.mean_divergence = Perplexity(IGNORE_INDEX), MeanMetric(), MeanMetric()
+        # The specs themselves: hparams hold their config dicts when the CLI builds the module.
+        self.teacher_spec, self.logit_cache_spec = teacher, logit_cache
+        self.logit_cache: Optional[LogitCache] = None  # opened in setup; its manifest names the teacher's tokenizer
+        self.teacher = None if logit_cache else self._load_teacher(teacher, student)
+
+    def _load_teacher(self, teacher: ModelSpec, student: ModelSpec):
         teacher_tokenizer = load_tokenizer(teacher.tokenizer or teacher.name_or_path)
         if teacher_tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ValueError(
@@ -63,33 +84,53 @@ class DistillModule(CausalLMModule):
                 f"{len(teacher_tokenizer)} tokens) differs from the student's "
                 f"({student.tokenizer or student.name_or_path}, {len(self.tokenizer)} tokens); logit "
                 "distillation needs one shared vocabulary")
-        self.model = build_model(student, self.tokenizer).train()  # from_pretrained returns eval mode
-        self.teacher = build_model(teacher, teacher_tokenizer).eval().requires_grad_(False)
-        self.student_ppl, self.teacher_ppl = Perplexity(IGNORE_INDEX), Perplexity(IGNORE_INDEX)
-        self.mean_divergence = MeanMetric()
+        return build_model(teacher, teacher_tokenizer).eval().requires_grad_(False)
 
     def train(self, mode: bool = True):
         """Lightning switches the whole module to train mode each epoch; the teacher stays in eval (no dropout)."""
         super().train(mode)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
+    def setup(self, stage: str) -> None:
+        """With a ``logit_cache``: build what it lacks (every rank shares the work), then open it."""
+        spec, teacher, temperature = self.logit_cache_spec, self.teacher_spec, self.hparams.temperature
+        if spec is None or self.logit_cache is not None:
+            return
+        datamodule, strategy = self.trainer.datamodule, self.trainer.strategy
+        build_logit_cache(spec, teacher, self.tokenizer, datamodule, temperature, device=strategy.root_device,
+                          rank=self.global_rank, world_size=self.trainer.world_size, barrier=strategy.barrier)
+        self.logit_cache = LogitCache(spec.path, expected_manifest(spec, teacher, self.tokenizer, temperature,
+                                                                   datamodule))
+
     def on_fit_start(self) -> None:
-        teacher_params, student_params = count_parameters(self.teacher), count_parameters(self.model)
-        self.print(f"teacher {teacher_params:,} parameters, student {student_params:,} "
+        student = (f"student {count_parameters(self.model):,} parameters "
                    f"({count_parameters(self.model, trainable_only=True):,} trainable)")
+        if self.logit_cache is not None:
+            self.print(f"{student}; teacher from the logit cache: {config_summary(self.logit_cache.manifest)}")
+        else:
+            self.print(f"teacher {count_parameters(self.teacher):,} parameters, {student}")
 
     # ---- loss ---------------------------------------------------------------------------------------------
     def distill_loss(self, batch: dict, alpha: float, reduction: str = "sum"):
-        """Student logits (B, T, V) and ``kd_loss`` on the causally shifted batch."""
+        """Student logits (B, T, V), the teacher's log-prob of each label (B, T − 1), the loss and its stats on the
+        causally shifted batch; the teacher is the live model or the logit cache."""
+        hp = self.hparams
         student_logits = causal_lm_logits(self.model, batch["input_ids"], batch["attention_mask"])
+        labels = batch["labels"][:, 1:]
+        loss_args = dict(divergence=hp.divergence, temperature=hp.temperature, alpha=alpha, beta=hp.beta,
+                         chunk_size=hp.chunk_size, reduction=reduction, vocab_size=len(self.tokenizer))
+        if self.logit_cache is not None:
+            cached = self.logit_cache.lookup(batch)
+            loss, stats = topk_kd_loss(student_logits[:, :-1], cached.topk_ids, cached.topk_logprobs,
+                                       cached.tail_logprob, labels, **loss_args)
+            return student_logits, cached.label_logprob, loss, stats
         with torch.no_grad():
             teacher_logits = causal_lm_logits(self.teacher, batch["input_ids"], batch["attention_mask"])
-        hp = self.hparams
-        loss, stats = kd_loss(student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:],
-                              divergence=hp.divergence, temperature=hp.temperature, alpha=alpha, beta=hp.beta,
-                              chunk_size=hp.chunk_size, reduction=reduction, vocab_size=len(self.tokenizer))
-        return student_logits, teacher_logits, loss, stats
+        loss, stats = kd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels, **loss_args)
+        teacher_label_logprobs = token_logprobs(teacher_logits[:, :-1], labels.clamp(min=0))
+        return student_logits, teacher_label_logprobs, loss, stats
 
     def training_step(self, batch, batch_idx):
         hp = self.hparams
@@ -129,28 +170,42 @@ class DistillModule(CausalLMModule):
         self.evaluation_step(batch, "test")
 
     def evaluation_step(self, batch: dict, stage: str) -> None:
-        student_logits, teacher_logits, loss, stats = self.distill_loss(batch, self.hparams.alpha, reduction="mean")
+        student_logits, teacher_label_logprobs, loss, stats = self.distill_loss(batch, self.hparams.alpha,
+                                                                                reduction="mean")
         labels = batch["labels"][:, 1:]
         self.student_ppl(student_logits[:, :-1].float(), labels)
-        self.teacher_ppl(teacher_logits[:, :-1].float(), labels)
+        self.teacher_nll.update(-teacher_label_logprobs[labels != IGNORE_INDEX])
         self.mean_divergence.update(stats.divergence, weight=stats.num_tokens)
         tokens = int(stats.num_tokens)
         self.log_dict({f"{stage}/loss": loss, f"{stage}/ce": stats.ce}, batch_size=tokens, sync_dist=True)
-        self.log_dict({f"{stage}/ppl": self.student_ppl, f"{stage}/teacher_ppl": self.teacher_ppl,
-                       f"{stage}/kd_divergence": self.mean_divergence}, prog_bar=True)
+        self.log_dict({f"{stage}/ppl": self.student_ppl, f"{stage}/kd_divergence": self.mean_divergence},
+                      prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_teacher_ppl("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_teacher_ppl("test")
+
+    def _log_teacher_ppl(self, stage: str) -> None:
+        """exp of the token-weighted mean teacher NLL (synced across ranks by the metric)."""
+        self.log(f"{stage}/teacher_ppl", self.teacher_nll.compute().exp(), prog_bar=True)
+        self.teacher_nll.reset()
 
     @torch.no_grad()
     def evaluate(self, dataloader, max_batches: Optional[int] = None) -> dict[str, float]:
         """Student and teacher perplexity and the mean divergence over ``dataloader`` (outside the Trainer loop)."""
-        student_ppl, teacher_ppl = Perplexity(IGNORE_INDEX).to(self.device), Perplexity(IGNORE_INDEX).to(self.device)
-        divergence = MeanMetric().to(self.device)
+        student_ppl = Perplexity(IGNORE_INDEX).to(self.device)
+        teacher_nll, divergence = MeanMetric().to(self.device), MeanMetric().to(self.device)
         was_training = self.training
         self.eval()
         for batch in self.batches_on_device(dataloader, max_batches):
-            student_logits, teacher_logits, _, stats = self.distill_loss(batch, self.hparams.alpha, reduction="mean")
-            student_ppl.update(student_logits[:, :-1].float(), batch["labels"][:, 1:])
-            teacher_ppl.update(teacher_logits[:, :-1].float(), batch["labels"][:, 1:])
+            student_logits, teacher_label_logprobs, _, stats = self.distill_loss(batch, self.hparams.alpha,
+                                                                                 reduction="mean")
+            labels = batch["labels"][:, 1:]
+            student_ppl.update(student_logits[:, :-1].float(), labels)
+            teacher_nll.update(-teacher_label_logprobs[labels != IGNORE_INDEX])
             divergence.update(stats.divergence, weight=stats.num_tokens)
         self.train(was_training)
-        return {"student_ppl": student_ppl.compute().item(), "teacher_ppl": teacher_ppl.compute().item(),
+        return {"student_ppl": student_ppl.compute().item(), "teacher_ppl": teacher_nll.compute().exp().item(),
                 "kd_divergence": divergence.compute().item()}
