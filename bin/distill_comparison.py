@@ -1,0 +1,182 @@
+"""Does the teacher help? CE-only vs KD from the live teacher vs KD from the logit cache, at equal steps and data.
+
+    python bin/distill_comparison.py --config configs/distill/smollm2_real.yaml --out runs/smollm2_comparison
+    python bin/distill_comparison.py --config configs/distill/smollm2_real.yaml --students cut --steps 20  # short
+
+Each arm is one ``python -m lit_distill fit`` of the config in its own process, with the same seed, data order,
+optimizer and schedule; only the teacher signal differs:
+
+* ``ce``: alpha 1 (the divergence has weight 0: plain cross-entropy), no teacher loaded (teacher perplexity is
+  read from the cache);
+* ``kd_cache``: the config's alpha, teacher top-k log-probabilities from the logit cache;
+* ``kd_live``: the config's alpha, the live teacher's full distribution (no cache).
+
+Students: ``cut`` is the config's student; ``scratch`` a smaller model of the same tokenizer initialised randomly
+(``--scratch-config``, its own learning rate). The cache is built once, first, by ``cache-teacher`` (timed).
+
+Writes under ``--out``: ``results.json`` (every arm's held-out perplexities before/after, wall time, the cache's
+size and build time), ``results.md`` (the table, with the fraction of the CE student's perplexity gap to the
+teacher that KD closes: (ppl_CE − ppl_KD) / (ppl_CE − ppl_teacher)), and ``curves.png`` (training loss and
+validation perplexity of every arm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bin"))
+from plot_metrics import read_metric_series  # noqa: E402
+
+SCRATCH_CONFIG = ('{num_hidden_layers: 4, hidden_size: 256, intermediate_size: 768, num_attention_heads: 4, '
+                  'num_key_value_heads: 2}')
+ARMS = ("ce", "kd_cache", "kd_live")
+
+
+def run(command: list[str], log: Path) -> tuple[float, float]:
+    """Run a command (stdout and stderr to ``log``): its wall time in seconds and peak resident memory in MiB."""
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage (ru_maxrss in KiB on Linux)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{' '.join(command)} failed; see {log}")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def median_tokens_per_s(metrics_csv: Path) -> float:
+    """Median of the run's logged perf/tokens_per_s (the first logged steps, warm-up, excluded)."""
+    import numpy as np
+
+    series = read_metric_series(metrics_csv, ["perf/tokens_per_s"])
+    if not series:  # the run was shorter than trainer.log_every_n_steps
+        return float("nan")
+    values = series["perf/tokens_per_s"][1]
+    return float(np.median(values[2:] if len(values) > 4 else values))
+
+
+def arm_overrides(arm: str, student: str, args: argparse.Namespace, out: Path) -> list[str]:
+    overrides = ["--trainer.max_steps", str(args.steps), "--trainer.val_check_interval", str(args.val_every),
+                 "--trainer.logger.init_args.save_dir", str(out / "logs"),
+                 "--trainer.logger.init_args.name", f"{student}_{arm}",
+                 "--model.init_args.save_dir", str(out / "students" / f"{student}_{arm}"),
+                 "--model.init_args.logit_cache.path", str(out / "teacher_cache")]
+    if arm == "ce":
+        overrides += ["--model.init_args.alpha", "1.0"]
+    if arm == "kd_live":
+        overrides += ["--model.init_args.logit_cache", "null"]
+    if student == "scratch":
+        overrides += ["--model.init_args.student.from_scratch", "true", "--model.init_args.student.keep_layers",
+                      "null", "--model.init_args.student.config", args.scratch_config,
+                      "--model.init_args.optimizer.init_args.lr", str(args.scratch_lr)]
+    return overrides + args.overrides
+
+
+def newest_report(log_dir: Path) -> dict:
+    return json.loads(max(log_dir.rglob("distill_report.json"), key=os.path.getmtime).read_text())
+
+
+def gap_closed(ce: float, kd: float, teacher: float) -> float:
+    """The fraction of the CE student's perplexity gap to the teacher that KD closes."""
+    return (ce - kd) / (ce - teacher)
+
+
+def table(results: dict) -> str:
+    lines = ["| student | arm | held-out ppl (start → end) | teacher ppl | gap to teacher closed | wall time | "
+             "train tokens/s | peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    for student, arms in results["students"].items():
+        ce = arms["ce"]["student_ppl_after"]
+        for arm, values in arms.items():
+            ppl, teacher = values["student_ppl_after"], values["teacher_ppl_after"]
+            closed = "—" if arm == "ce" else f"{100 * gap_closed(ce, ppl, teacher):.0f} %"
+            lines.append(f"| {student} | {arm} | {values['student_ppl_before']:.0f} → {ppl:.2f} | {teacher:.2f} | "
+                         f"{closed} | {values['wall_s']:.0f} s | {values['tokens_per_s']:.0f} | "
+                         f"{values['peak_rss_mib']:.0f} MiB |")
+    cache = results["cache"]
+    lines.append(f"\nCache: {cache['mib']:.1f} MiB, {cache['bytes_per_token']:.0f} bytes per cached token, built in "
+                 f"{cache['build_s']:.0f} s.")
+    return "\n".join(lines)
+
+
+def plot(results: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, ppl_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for student, arms in results["students"].items():
+        for arm, values in arms.items():
+            series = read_metric_series(values["metrics_csv"])
+            label = f"{student} {arm}"
+            if "train/ce" in series:
+                loss_axis.plot(*series["train/ce"], label=label)
+            if "val/ppl" in series:  # from the report's start value at step 0
+                steps, ppl = series["val/ppl"]
+                ppl_axis.plot([0, *steps], [values["student_ppl_before"], *ppl], marker="o", label=label)
+    teacher = next(iter(results["students"].values()))["ce"]["teacher_ppl_after"]
+    ppl_axis.axhline(teacher, color="black", linestyle="--", label="teacher")
+    loss_axis.set(title="training cross-entropy (labels)", xlabel="step")
+    ppl_axis.set(title="held-out perplexity", xlabel="step", yscale="log")
+    for axis in (loss_axis, ppl_axis):
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path = out / "curves.png"
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a DistillModule config with a logit_cache")
+    parser.add_argument("--out", default="runs/distill_comparison", type=Path)
+    parser.add_argument("--students", nargs="+", choices=("cut", "scratch"), default=["cut", "scratch"])
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--val-every", type=int, default=50)
+    parser.add_argument("--scratch-config", default=SCRATCH_CONFIG, help="transformers config overrides")
+    parser.add_argument("--scratch-lr", type=float, default=1e-3)
+    parser.add_argument("overrides", nargs="*", help="extra CLI overrides for every arm (after --)")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    if (out / "results.json").exists():
+        sys.exit(f"{out / 'results.json'} exists: choose another --out (runs are never overwritten)")
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "lit_distill"]
+    build_s, _ = run(cli + ["cache-teacher", "--config", args.config, "--output", str(out / "teacher_cache")]
+                  + args.overrides, out / "cache_teacher.log")
+    shards = list((out / "teacher_cache").glob("*/shard-*.safetensors"))
+    from safetensors import safe_open
+
+    tokens = sum(safe_open(str(shard), framework="pt").get_slice("tail_logprob").get_shape()[0] for shard in shards)
+    size = sum(shard.stat().st_size for shard in shards)
+    results = {"config": args.config, "steps": args.steps, "students": {},
+               "cache": {"build_s": build_s, "mib": size / 2 ** 20, "tokens": tokens, "bytes_per_token": size / tokens}}
+    for student in args.students:
+        results["students"][student] = {}
+        for arm in args.arms:
+            name = f"{student}_{arm}"
+            wall, peak = run(cli + ["fit", "--config", args.config] + arm_overrides(arm, student, args, out),
+                             out / f"{name}.log")
+            report = newest_report(out / "logs" / name)
+            csv = max((out / "logs" / name).rglob("metrics.csv"), key=os.path.getmtime)
+            results["students"][student][arm] = {**report, "wall_s": wall, "peak_rss_mib": peak,
+                                                 "tokens_per_s": median_tokens_per_s(csv), "metrics_csv": str(csv)}
+            print(f"{name}: held-out ppl {report['student_ppl_before']:.1f} -> {report['student_ppl_after']:.2f} "
+                  f"(teacher {report['teacher_ppl_after']:.2f}) in {wall:.0f} s", flush=True)
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(table(results) + "\n")
+    print(table(results))
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {plot(results, out)}")
+
+
+if __name__ == "__main__":
+    main()
