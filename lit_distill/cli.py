@@ -84,7 +84,8 @@ class CacheTeacherCLI(LitDistillCLI):
     def instantiate_classes(self) -> None:
         from lit_distill.models.loading import load_tokenizer
         from lit_distill.modules.distill import DistillModule
-        from lit_distill.teachers.logit_cache import LogitCacheError, LogitCacheSpec, build_logit_cache
+        from lit_distill.teachers.logit_cache import (LogitCacheError, LogitCacheSpec, build_logit_cache,
+                                                      cache_teacher)
 
         model = self.config.model
         if not issubclass(_import(model.class_path), DistillModule):
@@ -104,9 +105,9 @@ class CacheTeacherCLI(LitDistillCLI):
         datamodule = self.parser.instantiate(data_only).data
         device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         start = time.perf_counter()
-        path = build_logit_cache(spec, init.teacher, load_tokenizer(init.student.tokenizer or
-                                                                    init.student.name_or_path),
-                                 datamodule, init.temperature, device=device)
+        tokenizer = load_tokenizer(init.student.tokenizer or init.student.name_or_path)
+        path = build_logit_cache(spec, cache_teacher(spec, init.teacher), tokenizer, datamodule, init.temperature,
+                                 device=device)
         size = sum(file.stat().st_size for file in path.glob("*/shard-*.safetensors"))
         print(f"teacher cache {path}: {size / 2 ** 20:.1f} MiB in {time.perf_counter() - start:.1f} s")
 

@@ -26,8 +26,8 @@ from lit_distill.models.forward import causal_lm_logits
 from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
 from lit_distill.rollout import left_pad, rollout_generator
-from lit_distill.teachers.logit_cache import (LogitCache, LogitCacheSpec, build_logit_cache, config_summary,
-                                              expected_manifest)
+from lit_distill.teachers.logit_cache import (LogitCache, LogitCacheSpec, build_logit_cache, cache_teacher,
+                                              config_summary, expected_manifest)
 
 IGNORE_INDEX = -100
 
@@ -35,7 +35,7 @@ IGNORE_INDEX = -100
 class DistillModule(CausalLMModule):
     frozen_modules = ("teacher",)
 
-    def __init__(self, student: ModelSpec, teacher: ModelSpec, divergence: str = "forward_kl",
+    def __init__(self, student: ModelSpec, teacher: Optional[ModelSpec] = None, divergence: str = "forward_kl",
                  temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5, chunk_size: Optional[int] = None,
                  on_policy_fraction: float = 0.0, prompt_tokens: int = 16, max_new_tokens: int = 32,
                  sampling_temperature: float = 1.0, seed: int = 0, logit_cache: Optional[LogitCacheSpec] = None,
@@ -45,7 +45,8 @@ class DistillModule(CausalLMModule):
         Args:
             student: the trained model; its tokenizer is the run's tokenizer.
             teacher: the frozen model; ``teacher.dtype`` may be lower precision (its logits are upcast in the loss).
-                With ``logit_cache`` it is not loaded, only checked against what the cache was built from.
+                With ``logit_cache`` it is not loaded, only checked against what the cache was built from (and
+                not needed when the cache comes from ``logit_cache.endpoint``).
             divergence: one of ``lit_distill.losses.DIVERGENCES``.
             temperature: T dividing both logits; the divergence term is scaled by T².
             alpha: weight of the hard-label cross-entropy; ``1 − alpha`` weighs the divergence.
@@ -64,6 +65,8 @@ class DistillModule(CausalLMModule):
             raise ValueError(f"divergence '{divergence}' is not one of {DIVERGENCES}")
         if not 0.0 <= on_policy_fraction <= 1.0:
             raise ValueError(f"on_policy_fraction must be in [0, 1], got {on_policy_fraction}")
+        if teacher is None and logit_cache is None:
+            raise ValueError("DistillModule needs a teacher, or a logit_cache (with an endpoint) to learn from")
         if logit_cache is not None and on_policy_fraction > 0:
             raise ValueError("on_policy_fraction > 0 needs the live teacher to score the student's own samples; a "
                              "logit_cache holds the teacher's outputs on the data only: drop one of the two")
@@ -95,9 +98,10 @@ class DistillModule(CausalLMModule):
 
     def setup(self, stage: str) -> None:
         """With a ``logit_cache``: build what it lacks (every rank shares the work), then open it."""
-        spec, teacher, temperature = self.logit_cache_spec, self.teacher_spec, self.hparams.temperature
+        spec, temperature = self.logit_cache_spec, self.hparams.temperature
         if spec is None or self.logit_cache is not None:
             return
+        teacher = cache_teacher(spec, self.teacher_spec)
         datamodule, strategy = self.trainer.datamodule, self.trainer.strategy
         build_logit_cache(spec, teacher, self.tokenizer, datamodule, temperature, device=strategy.root_device,
                           rank=self.global_rank, world_size=self.trainer.world_size, barrier=strategy.barrier)

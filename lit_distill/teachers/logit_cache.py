@@ -33,8 +33,9 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -65,6 +66,9 @@ class LogitCacheSpec:
         splits: the DataModule splits to cache (validation too, so that validation needs no teacher).
         batch_size: examples per teacher forward pass while building.
         shard_examples: examples per shard file (the unit of resumption after a crash).
+        endpoint: build the cache from an OpenAI-compatible endpoint's log-probabilities instead of a local
+            teacher: the arguments of :class:`lit_distill.teachers.http_logits.HTTPLogitScorer` (``base_url``,
+            ``model``, ``api_key_env``, ...).
     """
 
     path: str
@@ -72,6 +76,7 @@ class LogitCacheSpec:
     splits: list[str] = field(default_factory=lambda: ["train", "validation"])
     batch_size: int = 8
     shard_examples: int = 512
+    endpoint: Optional[dict[str, Any]] = None
 
     def __post_init__(self):
         if self.top_k < 1:
@@ -79,6 +84,20 @@ class LogitCacheSpec:
         if self.batch_size < 1 or self.shard_examples < 1:
             raise LogitCacheError(f"logit_cache.batch_size and shard_examples must be >= 1, got "
                                     f"{self.batch_size} and {self.shard_examples}")
+
+
+class TopKScorer(Protocol):
+    """A teacher that is not a local model (e.g. an endpoint): what the cache needs of it.
+
+    ``identity`` is recorded in the manifest (never a secret). ``topk(batch, top_k, temperature, vocab_size)``
+    returns for a collated CPU batch what :func:`teacher_topk` returns for a local model: ``topk_ids`` (N, K)
+    int64, ``topk_logprobs`` (N, K) float16, ``tail_logprob`` (N,) and ``label_logprob`` (N,) float32 over the
+    batch's loss positions (:func:`loss_positions`) in batch order, and ``counts`` (B,) positions per row.
+    """
+
+    identity: dict
+
+    def topk(self, batch: dict, top_k: int, temperature: float, vocab_size: int) -> dict[str, Tensor]: ...
 
 
 class CachedTeacherOutputs(NamedTuple):
@@ -144,10 +163,26 @@ def data_fingerprint(datamodule, split: str, batch_size: int) -> dict:
     return {"examples": count, "data": digest.hexdigest()}
 
 
-def expected_manifest(spec: LogitCacheSpec, teacher: ModelSpec, tokenizer, temperature: float,
+def cache_teacher(spec: LogitCacheSpec, teacher: Optional[ModelSpec]) -> TopKScorer | ModelSpec:
+    """What the cache is built from: the spec's endpoint when it names one, else the local ``teacher``."""
+    if spec.endpoint is not None:
+        from lit_distill.teachers.http_logits import HTTPLogitScorer
+
+        return HTTPLogitScorer(**spec.endpoint)
+    if teacher is None:
+        raise LogitCacheError("a logit cache needs a teacher: the module's `teacher` or logit_cache.endpoint")
+    return teacher
+
+
+def teacher_identity(teacher: TopKScorer | ModelSpec) -> dict:
+    """The manifest's record of the teacher: a local model's spec, or a scorer's own ``identity``."""
+    return dataclasses.asdict(teacher) if isinstance(teacher, ModelSpec) else teacher.identity
+
+
+def expected_manifest(spec: LogitCacheSpec, teacher: TopKScorer | ModelSpec, tokenizer, temperature: float,
                       datamodule) -> dict:
     """The manifest a cache of these inputs has (the data part computed from ``datamodule``'s splits)."""
-    return {"format": FORMAT, "version": VERSION, "teacher": dataclasses.asdict(teacher),
+    return {"format": FORMAT, "version": VERSION, "teacher": teacher_identity(teacher),
             "tokenizer": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
             "top_k": min(spec.top_k, len(tokenizer)),
             "temperature": float(temperature), "shard_examples": spec.shard_examples,
@@ -240,13 +275,14 @@ def _write_shard(file: Path, tensors: dict[str, Tensor], metadata: dict[str, str
     os.replace(temporary, file)
 
 
-def build_logit_cache(spec: LogitCacheSpec, teacher: ModelSpec, tokenizer, datamodule, temperature: float,
+def build_logit_cache(spec: LogitCacheSpec, teacher: TopKScorer | ModelSpec, tokenizer, datamodule, temperature: float,
                         device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
                         barrier: Callable[[], None] = lambda: None, progress: bool = True) -> Path:
     """Make the cache at ``spec.path`` complete for these inputs, writing only the shards it lacks.
 
     Every rank calls this: rank 0 writes the manifest, the missing shards are shared round-robin between ranks,
-    and the teacher is loaded only where a shard is to be written.
+    and a local teacher (a ``ModelSpec``) is loaded only where a shard is to be written; ``teacher`` may also be
+    a :class:`TopKScorer` (an endpoint).
 
     Raises:
         LogitCacheError: the directory holds a cache of other inputs (before any model loads).
@@ -271,10 +307,14 @@ def build_logit_cache(spec: LogitCacheSpec, teacher: ModelSpec, tokenizer, datam
 
 
 def _write_missing(path: Path, todo: list[tuple[str, int]], manifest: dict, spec: LogitCacheSpec,
-                   teacher_spec: ModelSpec, tokenizer, datamodule, device, progress: bool) -> None:
+                   teacher: TopKScorer | ModelSpec, tokenizer, datamodule, device, progress: bool) -> None:
     from tqdm.auto import tqdm
 
-    teacher = build_model(teacher_spec, tokenizer).eval().requires_grad_(False).to(device)
+    if isinstance(teacher, ModelSpec):
+        model = build_model(teacher, tokenizer).eval().requires_grad_(False).to(device)
+        score, device = partial(teacher_topk, model), device
+    else:
+        score, device = teacher.topk, "cpu"
     shard_examples, digest = manifest["shard_examples"], _manifest_digest(manifest)
     total = sum(min(shard_examples, manifest["splits"][split]["examples"] - index * shard_examples)
                 for split, index in todo)
@@ -287,8 +327,8 @@ def _write_missing(path: Path, todo: list[tuple[str, int]], manifest: dict, spec
                 keys += example_keys(batch)
                 batch = {name: value.to(device) for name, value in batch.items() if isinstance(value, Tensor)}
                 columns.append({name: value.cpu() for name, value in
-                                teacher_topk(teacher, batch, manifest["top_k"], manifest["temperature"],
-                                                     manifest["vocab_size"]).items()})
+                                score(batch, manifest["top_k"], manifest["temperature"],
+                                      manifest["vocab_size"]).items()})
                 bar.update(len(batch["input_ids"]))
             counts = torch.cat([column.pop("counts") for column in columns])
             tensors = {name: torch.cat([column[name] for column in columns]) for name in columns[0]}
@@ -298,7 +338,6 @@ def _write_missing(path: Path, todo: list[tuple[str, int]], manifest: dict, spec
             tensors["offsets"] = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
             _write_shard(shard_file(path, split, index), tensors,
                          {"manifest": digest, "split": split, "shard": str(index)})
-    del teacher
 
 
 # ---- reading -----------------------------------------------------------------------------------------------
@@ -398,6 +437,7 @@ class LogitCache:
 def config_summary(manifest: dict[str, Any]) -> str:
     """One line describing a cache, for logs."""
     examples = ", ".join(f"{split} {data['examples']}" for split, data in manifest["splits"].items())
-    return (f"top-{manifest['top_k']} at T={manifest['temperature']} of {manifest['teacher']['name_or_path']} "
+    teacher = manifest["teacher"].get("name_or_path") or manifest["teacher"].get("model")
+    return (f"top-{manifest['top_k']} at T={manifest['temperature']} of {teacher} "
             f"({examples} examples)")
 

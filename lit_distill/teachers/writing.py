@@ -234,6 +234,7 @@ class CompletionWriter:
             else:
                 self.remaining.append(prompt)
 
+
 def write_completions(teacher: Teacher, prompts: Sequence[str], output_path: str | Path,
                       prompts_file: str | Path | None = None, overwrite: bool = False,
                       progress: Callable[[int, int], None] | None = None,
