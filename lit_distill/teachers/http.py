@@ -1,7 +1,9 @@
 """A teacher behind an OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp server, TGI, ...).
 
 Only the answer text comes back (no logits), so such a teacher serves answer-level distillation: rewards for
-agreeing with it, corrective SFT on its answers.
+agreeing with it, corrective SFT on its answers. (An endpoint's log-probabilities of given text, for a teacher-logit
+cache, come through the completions endpoint: :mod:`lit_distill.teachers.http_logits`, which shares this module's
+request machinery, :class:`_Endpoint`.)
 
 Requests go out in parallel (``concurrency`` threads) through the standard library (no extra dependency; one
 connection per request, negligible next to a model's latency). Transient failures are retried with exponential
@@ -22,8 +24,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from typing import TypeVar
 
 from lit_distill.teachers.base import (
     AnswerCallback,
@@ -34,9 +37,152 @@ from lit_distill.teachers.base import (
 
 RETRYABLE_STATUS = {408, 409, 429}  # and every 5xx
 MAX_MESSAGE_CHARS = 500  # of a server's error text quoted in an exception
+T = TypeVar("T")
+R = TypeVar("R")
 
 
-class HTTPTeacher(Teacher):
+class _Endpoint:
+    """What the clients of an OpenAI-compatible endpoint share: the URL checks, the API key (read from the
+    environment at each request, redacted from server messages), one POST with retries, and requests sent in
+    parallel that stop together when one fails for good.
+
+    Subclasses call ``_Endpoint.__init__`` and may override :meth:`_hint` to explain a final failure.
+    """
+
+    # Waits between attempts; tests replace it on an instance to record the waits instead of sleeping.
+    sleep = staticmethod(time.sleep)
+
+    def __init__(self, base_url: str, route: str, api_key_env: str | None, concurrency: int, timeout: float,
+                 max_retries: int, backoff: float, max_backoff: float):
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            # The URL itself is not echoed: it might hold a credential.
+            raise ValueError(f"base_url must be an http(s) URL with a host, like http://127.0.0.1:8080/v1; got "
+                             f"scheme '{parts.scheme}' and host '{parts.hostname}'")
+        if parts.username or parts.password:
+            raise ValueError("base_url must not contain credentials (user:password@); put the API key in the "
+                             "environment variable named by api_key_env")
+        for name, value, low in (("concurrency", concurrency, 1), ("max_retries", max_retries, 0)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if not timeout > 0 or backoff < 0 or max_backoff < 0:
+            raise ValueError(f"timeout must be > 0 and backoff, max_backoff >= 0, got {timeout}, {backoff}, "
+                             f"{max_backoff}")
+        self.base_url = base_url.rstrip("/")
+        self.url = f"{self.base_url}/{route}"
+        self.api_key_env = api_key_env
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+
+    def _parallel(self, items: Sequence[T], call: Callable[[T, _Batch], R],
+                  on_result: Callable[[int, R], None] | None = None) -> list[R]:
+        """``call(item, batch)`` for every item, ``concurrency`` at a time; the results in item order.
+
+        ``on_result(index, result)`` is called in this thread as each result arrives. Once one call has failed
+        for good (:class:`TeacherError`), items not yet started are dropped and calls in flight stop retrying,
+        then that error is raised. Any other exception (an ``on_result`` error, an invalid reply, Ctrl-C) stops
+        the batch the same way and propagates at once.
+        """
+        results: list[R | None] = [None] * len(items)
+        if not items:
+            return results
+        batch = _Batch()
+        with ThreadPoolExecutor(min(self.concurrency, len(items)), thread_name_prefix=type(self).__name__) as pool:
+            futures: dict[Future, int] = {pool.submit(call, item, batch): index for index, item in enumerate(items)}
+            try:
+                for future in as_completed(futures):
+                    if future.cancelled():
+                        continue
+                    try:
+                        result = future.result()
+                    except TeacherError:
+                        for pending in futures:
+                            pending.cancel()  # those not started yet; batch.error is raised below
+                        continue
+                    results[futures[future]] = result
+                    if on_result is not None:
+                        on_result(futures[future], result)
+            except BaseException:
+                batch.stopped.set()
+                for pending in futures:
+                    pending.cancel()
+                raise
+        if batch.error is not None:
+            raise batch.error
+        return results
+
+    def _post(self, payload: dict, parse: Callable[[bytes], R], batch: _Batch) -> R:
+        """POST ``payload`` as JSON to ``self.url`` and return ``parse(body)``, retrying transient failures
+        (``parse`` raising ValueError counts as one); raises TeacherError."""
+        body = json.dumps(payload).encode("utf-8")
+        attempts = self.max_retries + 1
+        status = None
+        for attempt in range(1, attempts + 1):
+            if batch.stopped.is_set():
+                raise TeacherError("not sent: another request of the batch failed")
+            retry_after = status = None
+            try:
+                with urllib.request.urlopen(self._request(body), timeout=self.timeout) as response:
+                    data = response.read()
+            except urllib.error.HTTPError as err:
+                with err:
+                    status, message = err.code, self._redact(_error_message(err))
+                    if not (status in RETRYABLE_STATUS or status >= 500):
+                        raise batch.fail(TeacherError(f"{self.url} refused the request with HTTP {status}: "
+                                                      f"{message}{self._hint(status)}")) from None
+                    failure = f"HTTP {status}: {message}"
+                    if status in (429, 503):
+                        retry_after = retry_after_seconds(err.headers.get("Retry-After"))
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+                # Timeouts, refused / reset / dropped connections. Exceptions are not chained (`from None`): they
+                # would carry the request, and with it the Authorization header.
+                failure = self._redact(f"{type(err).__name__}: {err}")
+            else:
+                try:
+                    return parse(data)
+                except ValueError as err:
+                    failure = f"malformed response: {err}"
+            if attempt < attempts:
+                self.sleep(self._delay(attempt, retry_after))
+        raise batch.fail(TeacherError(f"{self.url}: no answer after {attempts} attempt(s); last failure: "
+                                      f"{failure}{self._hint(status)}")) from None
+
+    def _request(self, body: bytes) -> urllib.request.Request:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = self._api_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+
+    def _api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def _redact(self, text: str) -> str:
+        """``text`` without the API key (some servers quote the key they rejected)."""
+        key = self._api_key()
+        return text.replace(key, "***") if key else text
+
+    def _hint(self, status: int | None) -> str:
+        """What to add to the message of a request that failed for good with HTTP ``status`` (None: no reply)."""
+        if status not in (401, 403):
+            return ""
+        if not self.api_key_env:
+            return " (no API key is sent: api_key_env is None)"
+        state = "set" if self._api_key() else "not set"
+        return f" (the API key comes from the environment variable {self.api_key_env}, which is {state})"
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (1-based)."""
+        if retry_after is not None:
+            return min(retry_after, self.max_backoff)
+        # Jitter spreads the retries of parallel requests that failed together.
+        return min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+class HTTPTeacher(_Endpoint, Teacher):
     """Answer questions through ``POST {base_url}/chat/completions``.
 
     Each question is sent as ``{"model", "messages": [system?, user], "temperature", "max_tokens", "top_p",
@@ -66,42 +212,20 @@ class HTTPTeacher(Teacher):
         max_backoff: longest wait between two attempts, ``Retry-After`` included.
     """
 
-    # Waits between attempts; tests replace it on an instance to record the waits instead of sleeping.
-    sleep = staticmethod(time.sleep)
-
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
                  temperature: float = 0.0, max_tokens: int = 64, top_p: float = 1.0,
                  system_prompt: str | None = None, stop: Sequence[str] = (), concurrency: int = 4,
                  timeout: float = 60.0, max_retries: int = 5, backoff: float = 1.0, max_backoff: float = 30.0):
-        parts = urllib.parse.urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            # The URL itself is not echoed: it might hold a credential.
-            raise ValueError(f"base_url must be an http(s) URL with a host, like http://127.0.0.1:8080/v1; got "
-                             f"scheme '{parts.scheme}' and host '{parts.hostname}'")
-        if parts.username or parts.password:
-            raise ValueError("base_url must not contain credentials (user:password@); put the API key in the "
-                             "environment variable named by api_key_env")
-        for name, value, low in (("max_tokens", max_tokens, 1), ("concurrency", concurrency, 1),
-                                 ("max_retries", max_retries, 0)):
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
-        if not timeout > 0 or backoff < 0 or max_backoff < 0:
-            raise ValueError(f"timeout must be > 0 and backoff, max_backoff >= 0, got {timeout}, {backoff}, "
-                             f"{max_backoff}")
-        self.base_url = base_url.rstrip("/")
-        self.url = f"{self.base_url}/chat/completions"
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        _Endpoint.__init__(self, base_url, "chat/completions", api_key_env, concurrency, timeout, max_retries,
+                           backoff, max_backoff)
         self.model = model
-        self.api_key_env = api_key_env
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.top_p = top_p
         self.system_prompt = system_prompt
         self.stop = list(stop)
-        self.concurrency = concurrency
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
 
     @property
     def identity(self) -> str:
@@ -112,34 +236,7 @@ class HTTPTeacher(Teacher):
 
     def answer(self, questions: list[str], on_answer: AnswerCallback | None = None) -> list[str]:
         """Ask every question, ``concurrency`` at a time (see :meth:`Teacher.answer`)."""
-        if not questions:
-            return []
-        answers: list[str | None] = [None] * len(questions)
-        batch = _Batch()
-        with ThreadPoolExecutor(min(self.concurrency, len(questions)), thread_name_prefix="http-teacher") as pool:
-            futures: dict[Future, int] = {pool.submit(self._ask, question, batch): index
-                                          for index, question in enumerate(questions)}
-            try:
-                for future in as_completed(futures):
-                    if future.cancelled():
-                        continue
-                    try:
-                        text = future.result()
-                    except TeacherError:
-                        for pending in futures:
-                            pending.cancel()  # those not started yet; batch.error is raised below
-                        continue
-                    answers[futures[future]] = text
-                    if on_answer is not None:
-                        on_answer(futures[future], text)
-            except BaseException:  # an on_answer error or Ctrl-C: send nothing more
-                batch.stopped.set()
-                for pending in futures:
-                    pending.cancel()
-                raise
-        if batch.error is not None:
-            raise batch.error
-        return answers
+        return self._parallel(questions, self._ask, on_answer)
 
     def _ask(self, question: str, batch: _Batch) -> str:
         """One question's answer, retrying transient failures; raises TeacherError."""
@@ -149,71 +246,11 @@ class HTTPTeacher(Teacher):
                    "max_tokens": self.max_tokens, "top_p": self.top_p}
         if self.stop:
             payload["stop"] = self.stop
-        body = json.dumps(payload).encode("utf-8")
-        attempts = self.max_retries + 1
-        for attempt in range(1, attempts + 1):
-            if batch.stopped.is_set():
-                raise TeacherError("not asked: another question of the batch failed")
-            retry_after = None
-            try:
-                with urllib.request.urlopen(self._request(body), timeout=self.timeout) as response:
-                    data = response.read()
-            except urllib.error.HTTPError as err:
-                with err:
-                    message = self._redact(_error_message(err))
-                    if not (err.code in RETRYABLE_STATUS or err.code >= 500):
-                        raise batch.fail(TeacherError(f"{self.url} refused the request with HTTP {err.code}: "
-                                                      f"{message}{self._key_hint(err.code)}")) from None
-                    failure = f"HTTP {err.code}: {message}"
-                    if err.code in (429, 503):
-                        retry_after = retry_after_seconds(err.headers.get("Retry-After"))
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-                # Timeouts, refused / reset / dropped connections. Exceptions are not chained (`from None`): they
-                # would carry the request, and with it the Authorization header.
-                failure = self._redact(f"{type(err).__name__}: {err}")
-            else:
-                try:
-                    return _content(data)
-                except ValueError as err:
-                    failure = f"malformed response: {err}"
-            if attempt < attempts:
-                self.sleep(self._delay(attempt, retry_after))
-        raise batch.fail(TeacherError(f"{self.url}: no answer after {attempts} attempt(s); last failure: "
-                                      f"{failure}")) from None
-
-    def _request(self, body: bytes) -> urllib.request.Request:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = self._api_key()
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-
-    def _api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
-
-    def _redact(self, text: str) -> str:
-        """``text`` without the API key (some servers quote the key they rejected)."""
-        key = self._api_key()
-        return text.replace(key, "***") if key else text
-
-    def _key_hint(self, status: int) -> str:
-        if status not in (401, 403):
-            return ""
-        if not self.api_key_env:
-            return " (no API key is sent: api_key_env is None)"
-        state = "set" if self._api_key() else "not set"
-        return f" (the API key comes from the environment variable {self.api_key_env}, which is {state})"
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        """Seconds to wait after failed attempt ``attempt`` (1-based)."""
-        if retry_after is not None:
-            return min(retry_after, self.max_backoff)
-        # Jitter spreads the retries of parallel requests that failed together.
-        return min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        return self._post(payload, _content, batch)
 
 
 class _Batch:
-    """What the requests of one ``answer`` call share: the first question that fails for good stops the others."""
+    """What the requests of one ``_parallel`` call share: the first request that fails for good stops the others."""
 
     def __init__(self):
         self.stopped = threading.Event()
@@ -221,7 +258,7 @@ class _Batch:
         self._lock = threading.Lock()
 
     def fail(self, error: TeacherError) -> TeacherError:
-        """Record ``error`` (the first one recorded is the one ``answer`` raises), stop the batch, return it."""
+        """Record ``error`` (the first one recorded is the one ``_parallel`` raises), stop the batch, return it."""
         with self._lock:
             if self.error is None:
                 self.error = error
