@@ -90,8 +90,16 @@ class _Endpoint:
         if not items:
             return results
         batch = _Batch()
+
+        def stopping(item: T) -> R:
+            try:
+                return call(item, batch)
+            except BaseException:
+                batch.stopped.set()  # at once, before this worker takes the next item
+                raise
+
         with ThreadPoolExecutor(min(self.concurrency, len(items)), thread_name_prefix=type(self).__name__) as pool:
-            futures: dict[Future, int] = {pool.submit(call, item, batch): index for index, item in enumerate(items)}
+            futures: dict[Future, int] = {pool.submit(stopping, item): index for index, item in enumerate(items)}
             try:
                 for future in as_completed(futures):
                     if future.cancelled():
