@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -37,11 +38,16 @@ SECRET = "sk-test-5ecret-do-not-leak"
 class ChatServer:
     """An OpenAI-style ``/v1/chat/completions`` endpoint; the answer to a question is the question upper-cased.
 
+    Subclasses serve another ``route`` by overriding ``key`` (what names a request: here its question) and
+    ``answer`` (the JSON reply to a request body).
+
     ``faults[question]`` is an iterator of faults, one consumed per request for that question (exhausted: answer
     normally). A fault is a tuple: ``("status", code, message, headers)``, ``("slow", seconds)`` (then answer),
     ``("hang", seconds)`` (no reply within ``seconds``, then close), ``("malformed",)`` (200, not JSON),
     ``("missing",)`` (200, no choices), ``("drop",)`` (close the connection without replying).
     """
+
+    route = "/v1/chat/completions"
 
     def __init__(self):
         self.faults = {}
@@ -63,6 +69,14 @@ class ChatServer:
     def questions(self) -> list:
         return [request["question"] for request in self.requests]
 
+    def key(self, body: dict):
+        return body["messages"][-1]["content"]
+
+    def answer(self, body: dict) -> dict:
+        return {"id": "x", "object": "chat.completion", "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": f" {self.key(body).upper()}\n"}}]}
+
 
 class _Server(ThreadingHTTPServer):
     request_queue_size = 64  # the default 5 drops connection bursts, and clients retry a dropped SYN after 1 s
@@ -75,7 +89,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         chat = self.server.chat
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        question = body["messages"][-1]["content"]
+        question = chat.key(body)
         with chat.lock:
             chat.requests.append({"path": self.path, "question": question, "body": body,
                                   "authorization": self.headers.get("Authorization")})
@@ -91,7 +105,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if kind == "slow":
             time.sleep(fault[1])
-        if self.path != "/v1/chat/completions":
+        if self.path != chat.route:
             return self._reply(404, {"error": {"message": f"no route {self.path}"}})
         if kind == "status":
             _, code, message, headers = fault
@@ -100,9 +114,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(200, b'{"choices": [{"message": ')
         if kind == "missing":
             return self._reply(200, {"id": "x", "choices": []})
-        self._reply(200, {"id": "x", "object": "chat.completion", "model": body["model"],
-                          "choices": [{"index": 0, "finish_reason": "stop",
-                                       "message": {"role": "assistant", "content": f" {question.upper()}\n"}}]})
+        self._reply(200, chat.answer(body))
 
     def _reply(self, code, payload, headers=None):
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -114,14 +126,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+@contextmanager
+def running(chat: ChatServer):
+    """``chat`` serving on its port until the block ends."""
+    chat.thread.start()
+    try:
+        yield chat
+    finally:
+        chat.release.set()
+        chat.httpd.shutdown()
+        chat.httpd.server_close()
+
+
 @pytest.fixture
 def server():
-    chat = ChatServer()
-    chat.thread.start()
-    yield chat
-    chat.release.set()
-    chat.httpd.shutdown()
-    chat.httpd.server_close()
+    with running(ChatServer()) as chat:
+        yield chat
 
 
 def http_teacher(server, **kwargs) -> HTTPTeacher:
