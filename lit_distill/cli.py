@@ -106,8 +106,8 @@ class CacheTeacherCLI(LitDistillCLI):
         device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         start = time.perf_counter()
         tokenizer = load_tokenizer(init.student.tokenizer or init.student.name_or_path)
-        path = build_logit_cache(spec, cache_teacher(spec, init.teacher), tokenizer, datamodule, init.temperature,
-                                 device=device)
+        path = build_logit_cache(spec, cache_teacher(spec, init.teacher, tokenizer), tokenizer, datamodule,
+                                 init.temperature, device=device)
         size = sum(file.stat().st_size for file in path.glob("*/shard-*.safetensors"))
         print(f"teacher cache {path}: {size / 2 ** 20:.1f} MiB in {time.perf_counter() - start:.1f} s")
 

@@ -101,7 +101,7 @@ class DistillModule(CausalLMModule):
         spec, temperature = self.logit_cache_spec, self.hparams.temperature
         if spec is None or self.logit_cache is not None:
             return
-        teacher = cache_teacher(spec, self.teacher_spec)
+        teacher = cache_teacher(spec, self.teacher_spec, self.tokenizer)
         datamodule, strategy = self.trainer.datamodule, self.trainer.strategy
         build_logit_cache(spec, teacher, self.tokenizer, datamodule, temperature, device=strategy.root_device,
                           rank=self.global_rank, world_size=self.trainer.world_size, barrier=strategy.barrier)

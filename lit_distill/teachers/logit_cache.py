@@ -92,7 +92,9 @@ class TopKScorer(Protocol):
     ``identity`` is recorded in the manifest (never a secret). ``topk(batch, top_k, temperature, vocab_size)``
     returns for a collated CPU batch what :func:`teacher_topk` returns for a local model: ``topk_ids`` (N, K)
     int64, ``topk_logprobs`` (N, K) float16, ``tail_logprob`` (N,) and ``label_logprob`` (N,) float32 over the
-    batch's loss positions (:func:`loss_positions`) in batch order, and ``counts`` (B,) positions per row.
+    batch's loss positions (:func:`loss_positions`) in batch order, and ``counts`` (B,) positions per row. It may
+    refuse settings it cannot serve (an endpoint: temperature ≠ 1) with a :class:`LogitCacheError`. A scorer that
+    needs the student's tokenizer gets it when built (:func:`cache_teacher`).
     """
 
     identity: dict
@@ -163,12 +165,14 @@ def data_fingerprint(datamodule, split: str, batch_size: int) -> dict:
     return {"examples": count, "data": digest.hexdigest()}
 
 
-def cache_teacher(spec: LogitCacheSpec, teacher: Optional[ModelSpec]) -> TopKScorer | ModelSpec:
-    """What the cache is built from: the spec's endpoint when it names one, else the local ``teacher``."""
+def cache_teacher(spec: LogitCacheSpec, teacher: Optional[ModelSpec], tokenizer) -> TopKScorer | ModelSpec:
+    """What the cache is built from: the spec's endpoint when it names one (an
+    :class:`~lit_distill.teachers.http_logits.HTTPLogitScorer` mapping the endpoint's tokens to ``tokenizer``, the
+    student's), else the local ``teacher``."""
     if spec.endpoint is not None:
-        from lit_distill.teachers.http_logits import HTTPLogitScorer
+        from lit_distill.teachers.http_logits import scorer_from_endpoint
 
-        return HTTPLogitScorer(**spec.endpoint)
+        return scorer_from_endpoint(spec.endpoint, tokenizer)
     if teacher is None:
         raise LogitCacheError("a logit cache needs a teacher: the module's `teacher` or logit_cache.endpoint")
     return teacher
