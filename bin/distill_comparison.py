@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bin"))
 from plot_metrics import read_metric_series  # noqa: E402
@@ -72,10 +74,11 @@ def arm_overrides(arm: str, student: str, args: argparse.Namespace, out: Path) -
         overrides += ["--model.init_args.alpha", "1.0"]
     if arm == "kd_live":
         overrides += ["--model.init_args.logit_cache", "null"]
-    if student == "scratch":
-        overrides += ["--model.init_args.student.from_scratch", "true", "--model.init_args.student.keep_layers",
-                      "null", "--model.init_args.student.config", args.scratch_config,
-                      "--model.init_args.optimizer.init_args.lr", str(args.scratch_lr)]
+    if student == "scratch":  # the config student's architecture source, resized, random weights
+        source = yaml.safe_load(Path(args.config).read_text())["model"]["init_args"]["student"]["name_or_path"]
+        overrides += ["--model.init_args.student", f"{{name_or_path: {source}, from_scratch: true, keep_layers: null, "
+                      f"config: {args.scratch_config}}}", "--model.init_args.optimizer.init_args.lr",
+                      str(args.scratch_lr)]
     return overrides + args.overrides
 
 
@@ -153,11 +156,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     cli = [sys.executable, "-m", "lit_distill"]
     build_s, _ = run(cli + ["cache-teacher", "--config", args.config, "--output", str(out / "teacher_cache")]
                   + args.overrides, out / "cache_teacher.log")
-    shards = list((out / "teacher_cache").glob("*/shard-*.safetensors"))
-    from safetensors import safe_open
+    from lit_distill.teachers.logit_cache import cache_size
 
-    tokens = sum(safe_open(str(shard), framework="pt").get_slice("tail_logprob").get_shape()[0] for shard in shards)
-    size = sum(shard.stat().st_size for shard in shards)
+    size, tokens = cache_size(out / "teacher_cache")
     results = {"config": args.config, "steps": args.steps, "students": {},
                "cache": {"build_s": build_s, "mib": size / 2 ** 20, "tokens": tokens, "bytes_per_token": size / tokens}}
     for student in args.students:

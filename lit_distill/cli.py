@@ -85,7 +85,7 @@ class CacheTeacherCLI(LitDistillCLI):
         from lit_distill.models.loading import load_tokenizer
         from lit_distill.modules.distill import DistillModule
         from lit_distill.teachers.logit_cache import (LogitCacheError, LogitCacheSpec, build_logit_cache,
-                                                      cache_teacher)
+                                                      cache_size, cache_teacher)
 
         model = self.config.model
         if not issubclass(_import(model.class_path), DistillModule):
@@ -106,10 +106,11 @@ class CacheTeacherCLI(LitDistillCLI):
         device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         start = time.perf_counter()
         tokenizer = load_tokenizer(init.student.tokenizer or init.student.name_or_path)
-        path = build_logit_cache(spec, cache_teacher(spec, init.teacher, tokenizer), tokenizer, datamodule,
-                                 init.temperature, device=device)
-        size = sum(file.stat().st_size for file in path.glob("*/shard-*.safetensors"))
-        print(f"teacher cache {path}: {size / 2 ** 20:.1f} MiB in {time.perf_counter() - start:.1f} s")
+        build_logit_cache(spec, cache_teacher(spec, init.teacher, tokenizer), tokenizer, datamodule, init.temperature,
+                          device=device)
+        size, positions = cache_size(spec.path)
+        print(f"teacher cache {spec.path}: {positions:,} positions, {size / 2 ** 20:.1f} MiB "
+              f"({size / max(positions, 1):.0f} bytes per position) in {time.perf_counter() - start:.1f} s")
 
 
 def _import(class_path: str):

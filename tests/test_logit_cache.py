@@ -4,11 +4,11 @@ must, it resumes after a crash, and every bad input is one clear error before an
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from safetensors import safe_open
 from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
 
 from lit_distill.cli import main
 from lit_distill.data import WikiTextDataModule
@@ -17,6 +17,7 @@ from lit_distill.modules import DistillModule
 from lit_distill.teachers import logit_cache
 from lit_distill.teachers.logit_cache import (LogitCache, LogitCacheError, LogitCacheSpec, build_logit_cache,
                                               expected_manifest, shard_file, teacher_topk)
+from test_cli import run_cli
 from test_modules import STUDENT, RaggedData, fit, sgd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,3 +239,24 @@ def test_help_lists_the_cache_teacher_command(capsys):
 def test_cache_teacher_needs_a_cache_path(tmp_path):
     with pytest.raises(LogitCacheError, match="no model.init_args.logit_cache"):
         main(["cache-teacher", "--config", str(ROOT / "configs/quickstart.yaml")])
+
+
+def test_ddp_two_processes_from_the_cache_match_one_process(llama_dir, tmp_path):
+    """2 ranks × 4 vs 1 × 8 from one cache (built by the 2-rank run, its shards shared between the ranks)."""
+    common = ["fit", "--config", str(ROOT / "configs/distill/cache_quickstart.yaml"),
+              "--model.init_args.teacher.name_or_path", llama_dir, "--model.init_args.student.tokenizer", llama_dir,
+              "--data.init_args.tokenizer", llama_dir, "--data.init_args.embedded_documents", "200",
+              "--data.init_args.block_size", "32", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+              "--trainer.enable_progress_bar", "false", "--model.init_args.logit_cache.path", str(tmp_path / "cache"),
+              "--model.init_args.logit_cache.top_k", "8", "--model.init_args.logit_cache.shard_examples", "16"]
+    run_cli(common + ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.init_args.batch_size", "4",
+                      "--model.init_args.save_dir", str(tmp_path / "ddp")], cwd=tmp_path)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.safetensors")}
+    assert len(stamps) > 2
+    run_cli(common + ["--trainer.devices", "1", "--data.init_args.batch_size", "8",
+                      "--model.init_args.save_dir", str(tmp_path / "single")], cwd=tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.safetensors")} == stamps
+    ddp = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp").state_dict()
+    single = AutoModelForCausalLM.from_pretrained(tmp_path / "single").state_dict()
+    for name in ddp:
+        assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-5, msg=name)

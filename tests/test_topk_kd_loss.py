@@ -16,8 +16,9 @@ def teacher_topk(teacher_logits, k, temperature=1.0):
     """What a cache stores: the top-k log-probs at T, their ids and the exact tail log-mass."""
     log_p = torch.log_softmax(teacher_logits.double() / temperature, -1)
     values, ids = log_p.topk(k, dim=-1)
-    tail = torch.log1p(-values.exp().sum(-1)) if k < log_p.shape[-1] else torch.full(values.shape[:-1], -1e300, dtype=torch.float64)
-    return ids, values, tail
+    if k == log_p.shape[-1]:  # no tail: a vanishing mass
+        return ids, values, torch.full(values.shape[:-1], -1e300, dtype=torch.float64)
+    return ids, values, torch.log1p(-values.exp().sum(-1))
 
 
 def naive_topk_divergence(student_row, ids, teacher_values, teacher_tail, divergence, temperature, beta):

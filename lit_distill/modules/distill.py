@@ -27,7 +27,7 @@ from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
 from lit_distill.rollout import left_pad, rollout_generator
 from lit_distill.teachers.logit_cache import (LogitCache, LogitCacheSpec, build_logit_cache, cache_teacher,
-                                              config_summary, expected_manifest)
+                                              config_summary)
 
 IGNORE_INDEX = -100
 
@@ -103,10 +103,10 @@ class DistillModule(CausalLMModule):
             return
         teacher = cache_teacher(spec, self.teacher_spec, self.tokenizer)
         datamodule, strategy = self.trainer.datamodule, self.trainer.strategy
-        build_logit_cache(spec, teacher, self.tokenizer, datamodule, temperature, device=strategy.root_device,
-                          rank=self.global_rank, world_size=self.trainer.world_size, barrier=strategy.barrier)
-        self.logit_cache = LogitCache(spec.path, expected_manifest(spec, teacher, self.tokenizer, temperature,
-                                                                   datamodule))
+        expected = build_logit_cache(spec, teacher, self.tokenizer, datamodule, temperature,
+                                     device=strategy.root_device, rank=self.global_rank,
+                                     world_size=self.trainer.world_size, barrier=strategy.barrier)
+        self.logit_cache = LogitCache(spec.path, expected)
 
     def on_fit_start(self) -> None:
         student = (f"student {count_parameters(self.model):,} parameters "

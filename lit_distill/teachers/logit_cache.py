@@ -224,7 +224,8 @@ def check_manifest(path: Path, found: dict, expected: dict) -> None:
             differences.append(f"data: split '{split}' is not in the cache (it has {sorted(found['splits'])})")
         elif cached != data:
             differences.append(f"data: split '{split}' differs (cache {cached['examples']} examples, sha256 "
-                               f"{cached['data'][:12]}…; this run {data['examples']} examples, {data['data'][:12]}…)")
+                               f"{cached['data'][:12]}…; this run {data['examples']} examples, "
+                               f"{data['data'][:12]}…)")
     if differences:
         raise LogitCacheError(f"teacher cache {path} was built from other inputs than this run's:\n  "
                                 + "\n  ".join(differences)
@@ -261,7 +262,8 @@ def teacher_topk(teacher: torch.nn.Module, batch: dict, top_k: int, temperature:
         chunk = chunk.float()
         log_p = torch.log_softmax(chunk / temperature, dim=-1)  # (n, V)
         values, ids = log_p.topk(top_k, dim=-1)  # (n, K)
-        label_log_p = torch.log_softmax(chunk, dim=-1).gather(-1, chunk_labels[:, None]).squeeze(-1)
+        label_log_p = (log_p if temperature == 1.0 else torch.log_softmax(chunk, dim=-1)).gather(
+            -1, chunk_labels[:, None]).squeeze(-1)
         parts.append((ids, values, tail_log_prob(log_p, ids), label_log_p))
     ids, values, tail, label_log_p = (torch.cat(column) for column in zip(*parts))
     return {"topk_ids": ids, "topk_logprobs": values.half(), "tail_logprob": tail, "label_logprob": label_log_p,
@@ -279,10 +281,11 @@ def _write_shard(file: Path, tensors: dict[str, Tensor], metadata: dict[str, str
     os.replace(temporary, file)
 
 
-def build_logit_cache(spec: LogitCacheSpec, teacher: TopKScorer | ModelSpec, tokenizer, datamodule, temperature: float,
-                        device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
-                        barrier: Callable[[], None] = lambda: None, progress: bool = True) -> Path:
-    """Make the cache at ``spec.path`` complete for these inputs, writing only the shards it lacks.
+def build_logit_cache(spec: LogitCacheSpec, teacher: TopKScorer | ModelSpec, tokenizer, datamodule,
+                      temperature: float, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+                      barrier: Callable[[], None] = lambda: None, progress: bool = True) -> dict:
+    """Make the cache at ``spec.path`` complete for these inputs, writing only the shards it lacks; returns the
+    manifest these inputs expect (for :class:`LogitCache`).
 
     Every rank calls this: rank 0 writes the manifest, the missing shards are shared round-robin between ranks,
     and a local teacher (a ``ModelSpec``) is loaded only where a shard is to be written; ``teacher`` may also be
@@ -297,17 +300,17 @@ def build_logit_cache(spec: LogitCacheSpec, teacher: TopKScorer | ModelSpec, tok
     found = read_manifest(path)
     if found is not None:
         check_manifest(path, found, expected)
-        expected = found  # its shard layout, if this run asked for another shard size
     elif rank == 0:
         path.mkdir(parents=True, exist_ok=True)
         (path / f"{MANIFEST}.tmp").write_text(json.dumps(expected, indent=1, sort_keys=True))
         os.replace(path / f"{MANIFEST}.tmp", path / MANIFEST)
     barrier()
-    todo = missing_shards(path, expected)[rank::world_size]
+    layout = found or expected  # the cache's shard layout, if this run asked for another shard size
+    todo = missing_shards(path, layout)[rank::world_size]
     if todo:
-        _write_missing(path, todo, expected, spec, teacher, tokenizer, datamodule, device, progress and rank == 0)
+        _write_missing(path, todo, layout, spec, teacher, tokenizer, datamodule, device, progress and rank == 0)
     barrier()
-    return path
+    return expected
 
 
 def _write_missing(path: Path, todo: list[tuple[str, int]], manifest: dict, spec: LogitCacheSpec,
@@ -436,6 +439,16 @@ class LogitCache:
                 dense[positions] = torch.cat(parts[name]).to(dense.dtype)
         device = batch["input_ids"].device
         return CachedTeacherOutputs(*(tensor.to(device) for tensor in out))
+
+
+def cache_size(path: str | Path) -> tuple[int, int]:
+    """(bytes of the shard files, cached positions) of a cache directory."""
+    from safetensors import safe_open
+
+    shards = sorted(Path(path).glob("*/shard-*.safetensors"))
+    positions = sum(safe_open(str(shard), framework="pt").get_slice("tail_logprob").get_shape()[0]
+                    for shard in shards)
+    return sum(shard.stat().st_size for shard in shards), positions
 
 
 def config_summary(manifest: dict[str, Any]) -> str:
