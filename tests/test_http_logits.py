@@ -5,13 +5,8 @@ Slow tier: llama.cpp (the SmolLM2 GGUF) behind the endpoint against the local Sm
 server, which cannot serve a cache."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,7 +24,7 @@ from lit_distill.teachers.logit_cache import (LogitCache, LogitCacheError, Logit
                                               cache_teacher, expected_manifest, teacher_topk)
 from test_logit_cache import QUICK_STUDENT, TEACHER, datamodule
 from test_modules import fit
-from test_teachers import KEY_ENV, SECRET, ChatServer, free_port, running
+from test_teachers import KEY_ENV, SECRET, ChatServer, llama_cpp_server, running
 
 BYTE_OF = {char: byte for byte, char in bytes_to_unicode().items()}
 
@@ -431,24 +426,7 @@ def test_llama_cpp_behind_the_endpoint_agrees_with_the_local_smollm2(tmp_path):
 def test_llama_cpp_pythons_own_server_is_refused_with_a_clear_error(tmp_path):
     """llama_cpp.server takes text prompts only (and its echoed log-probs are shifted by one): one clear error."""
     pytest.importorskip("llama_cpp.server.app")
-    from lit_distill.models.loading import ALIASES
-
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(ALIASES[SMOLLM2]()),
-                                "--port", str(port), "--n_ctx", "256", "--model_alias", "smollm2",
-                                "--logits_all", "true"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/models", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    pytest.fail("the llama.cpp server did not start")
-                time.sleep(1)
+    with llama_cpp_server("--n_ctx", "256", "--logits_all", "true", env={"OMP_NUM_THREADS": "1"}) as url:
         data = smollm2_data()
         data.setup("fit")
         batch = next(iter(data.val_dataloader()))
@@ -459,6 +437,3 @@ def test_llama_cpp_pythons_own_server_is_refused_with_a_clear_error(tmp_path):
         message = str(caught.value)
         assert "HTTP 500" in message and "Input should be a valid string" in message
         assert "llama-cpp-python's server takes text prompts only" in message
-    finally:
-        process.terminate()
-        process.wait(timeout=30)

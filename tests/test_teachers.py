@@ -3,14 +3,19 @@ model teacher against plain ``generate``, and construction from YAML through jso
 
 import itertools
 import json
+import os
 import pickle
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
 
 import pytest
 import torch
@@ -158,6 +163,34 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def llama_cpp_server(*args: str, env: Optional[dict] = None):
+    """llama-cpp-python's OpenAI-compatible server serving the SmolLM2 GGUF (model alias "smollm2") on a free
+    loopback port, with the extra server ``args``; yields its base URL once it answers, stops it after."""
+    from lit_distill.models.loading import ALIASES
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model",
+                                str(ALIASES["smollm2-135m-instruct"]()), "--port", str(port), "--model_alias",
+                                "smollm2", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, **(env or {})})
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/models", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    pytest.fail("the llama.cpp server did not start")
+                time.sleep(1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 # ---- HTTPTeacher --------------------------------------------------------------------------------------------------
