@@ -172,10 +172,11 @@ def student_log_probs(student_logits: Tensor, labels: Tensor, temperature: float
                       dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(n, V), (n,) -> the summed hard-label cross-entropy at temperature 1 (scalar) and the student's
     log-probabilities at ``temperature`` (n, V), both in ``dtype``."""
-    log_p_s = log_probs(student_logits.to(dtype), 1.0)  # (n, V) upcast
+    student_logits = student_logits.to(dtype)  # (n, V) upcast once
+    log_p_s = log_probs(student_logits, 1.0)
     ce = -log_p_s.gather(-1, labels[:, None]).sum()
     if temperature != 1.0:
-        log_p_s = log_probs(student_logits.to(dtype), temperature)
+        log_p_s = log_probs(student_logits, temperature)
     return ce, log_p_s
 
 
