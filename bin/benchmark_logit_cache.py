@@ -20,19 +20,16 @@ from pathlib import Path
 
 import torch
 import yaml
-from jsonargparse import ArgumentParser
 
 
 def build(config: dict, cache: str | None):
+    from lit_distill.cli import distill_module_arguments
     from lit_distill.modules.distill import DistillModule
 
-    parser = ArgumentParser()
-    parser.add_class_arguments(DistillModule, "model", instantiate=False, sub_configs=True)
     init = dict(config["model"]["init_args"], logit_cache={"path": cache} if cache else None, save_dir=None)
     init.pop("optimizer", None), init.pop("lr_scheduler", None)
-    args = parser.instantiate(parser.parse_object({"model": init})).model
     torch.manual_seed(0)
-    return DistillModule(**vars(args))
+    return DistillModule(**vars(distill_module_arguments(init)))
 
 
 def main() -> None:

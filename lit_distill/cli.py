@@ -91,9 +91,7 @@ class CacheTeacherCLI(LitDistillCLI):
         if not issubclass(_import(model.class_path), DistillModule):
             raise LogitCacheError(f"cache-teacher needs a DistillModule config; model.class_path is "
                                   f"{model.class_path}")
-        module_parser = ArgumentParser(exit_on_error=False)
-        module_parser.add_class_arguments(DistillModule, "model", instantiate=False, sub_configs=True)
-        init = module_parser.instantiate(module_parser.parse_object({"model": model.init_args.as_dict()})).model
+        init = distill_module_arguments(model.init_args.as_dict())
         spec = init.logit_cache or (LogitCacheSpec(path=self.config.output) if self.config.output else None)
         if spec is None:
             raise LogitCacheError("the config has no model.init_args.logit_cache: add one (path, top_k, ...) or "
@@ -111,6 +109,16 @@ class CacheTeacherCLI(LitDistillCLI):
         size, positions = cache_size(spec.path)
         print(f"teacher cache {spec.path}: {positions:,} positions, {size / 2 ** 20:.1f} MiB "
               f"({size / max(positions, 1):.0f} bytes per position) in {time.perf_counter() - start:.1f} s")
+
+
+def distill_module_arguments(init_args: dict):
+    """A DistillModule config's ``init_args`` parsed and typed as the CLI types them (ModelSpec, LogitCacheSpec,
+    ... instantiated), without building the module: a Namespace of its arguments."""
+    from lit_distill.modules.distill import DistillModule
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(DistillModule, "model", instantiate=False, sub_configs=True)
+    return parser.instantiate(parser.parse_object({"model": init_args})).model
 
 
 def _import(class_path: str):
