@@ -42,15 +42,33 @@ SCRATCH_CONFIG = ('{num_hidden_layers: 4, hidden_size: 256, intermediate_size: 7
 ARMS = ("ce", "kd_cache", "kd_live")
 
 
-def run(command: list[str], log: Path) -> tuple[float, float]:
-    """Run a command (stdout and stderr to ``log``): its wall time in seconds and peak resident memory in MiB."""
-    start = time.perf_counter()
+def start(command: list[str], log: Path, threads: Optional[int] = None) -> tuple[subprocess.Popen, float]:
+    """Start a command (stdout and stderr to ``log``; ``threads`` pins its intra-op threads): the process, its start."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     with log.open("w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
-        _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage (ru_maxrss in KiB on Linux)
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    return process, time.perf_counter()
+
+
+def finish(process: subprocess.Popen, started: float, log: Path) -> tuple[float, float]:
+    """Wait for a started command: its wall time in seconds and peak resident memory in MiB."""
+    _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage (ru_maxrss in KiB on Linux)
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{' '.join(command)} failed; see {log}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
+        sys.exit(f"{' '.join(process.args)} failed; see {log}")
+    return time.perf_counter() - started, usage.ru_maxrss / 1024
+
+
+def run(command: list[str], log: Path) -> tuple[float, float]:
+    return finish(*start(command, log), log)
+
+
+def run_arms(commands: dict[str, tuple[list[str], Path]], threads: Optional[int]) -> dict[str, tuple[float, float]]:
+    """Run every arm's ``(command, log)``: one after the other, or with ``threads`` all at once. Wall time and peak
+    memory per arm."""
+    if threads is None:
+        return {arm: run(command, log) for arm, (command, log) in commands.items()}
+    started = {arm: start(command, log, threads) for arm, (command, log) in commands.items()}
+    return {arm: finish(*started[arm], commands[arm][1]) for arm in commands}
 
 
 def median_tokens_per_s(metrics_csv: Path) -> float:
@@ -82,6 +100,15 @@ def arm_overrides(arm: str, student: str, args: argparse.Namespace, out: Path) -
     return overrides + args.overrides
 
 
+def best_held_out(metrics_csv: Path) -> dict:
+    """The lowest validation perplexity of a run and its step (what early stopping on val/ppl would keep)."""
+    series = read_metric_series(metrics_csv, ["val/ppl"])
+    if not series:
+        return {"best_ppl": float("nan"), "best_step": None}
+    steps, ppl = series["val/ppl"]
+    return {"best_ppl": float(ppl.min()), "best_step": int(steps[ppl.argmin()])}
+
+
 def newest_report(log_dir: Path) -> dict:
     return json.loads(max(log_dir.rglob("distill_report.json"), key=os.path.getmtime).read_text())
 
@@ -92,14 +119,16 @@ def gap_closed(ce: float, kd: float, teacher: float) -> float:
 
 
 def table(results: dict) -> str:
-    lines = ["| student | arm | held-out ppl (start → end) | teacher ppl | gap to teacher closed | wall time | "
-             "train tokens/s | peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| student | arm | held-out ppl (start → end) | best (step) | teacher ppl | gap closed (end / best) | "
+             "wall time | train tokens/s | peak RSS |", "|---|---|---|---|---|---|---|---|---|"]
     for student, arms in results["students"].items():
-        ce = arms["ce"]["student_ppl_after"]
+        ce, ce_best = arms["ce"]["student_ppl_after"], arms["ce"]["best_ppl"]
         for arm, values in arms.items():
-            ppl, teacher = values["student_ppl_after"], values["teacher_ppl_after"]
-            closed = "—" if arm == "ce" else f"{100 * gap_closed(ce, ppl, teacher):.0f} %"
-            lines.append(f"| {student} | {arm} | {values['student_ppl_before']:.0f} → {ppl:.2f} | {teacher:.2f} | "
+            ppl, best, teacher = values["student_ppl_after"], values["best_ppl"], values["teacher_ppl_after"]
+            closed = "—" if arm == "ce" else (f"{100 * gap_closed(ce, ppl, teacher):.0f} % / "
+                                              f"{100 * gap_closed(ce_best, best, teacher):.0f} %")
+            lines.append(f"| {student} | {arm} | {values['student_ppl_before']:.0f} → {ppl:.2f} | "
+                         f"{best:.2f} ({values['best_step']}) | {teacher:.2f} | "
                          f"{closed} | {values['wall_s']:.0f} s | {values['tokens_per_s']:.0f} | "
                          f"{values['peak_rss_mib']:.0f} MiB |")
     cache = results["cache"]
@@ -147,6 +176,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--val-every", type=int, default=50)
     parser.add_argument("--scratch-config", default=SCRATCH_CONFIG, help="transformers config overrides")
     parser.add_argument("--scratch-lr", type=float, default=1e-3)
+    parser.add_argument("--parallel", action="store_true",
+                        help="run a student's arms at the same time, the cores split evenly between them "
+                             "(equal contention; wall times are then not comparable with sequential runs)")
     parser.add_argument("overrides", nargs="*", help="extra CLI overrides for every arm (after --)")
     args = parser.parse_args(argv)
     out = args.out.resolve()
@@ -161,16 +193,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     size, tokens = cache_size(out / "teacher_cache")
     results = {"config": args.config, "steps": args.steps, "students": {},
                "cache": {"build_s": build_s, "mib": size / 2 ** 20, "tokens": tokens, "bytes_per_token": size / tokens}}
+    threads = max(1, (os.cpu_count() or 1) // len(args.arms)) if args.parallel else None
     for student in args.students:
         results["students"][student] = {}
-        for arm in args.arms:
+        commands = {arm: (cli + ["fit", "--config", args.config] + arm_overrides(arm, student, args, out),
+                          out / f"{student}_{arm}.log") for arm in args.arms}
+        for arm, (wall, peak) in run_arms(commands, threads).items():
             name = f"{student}_{arm}"
-            wall, peak = run(cli + ["fit", "--config", args.config] + arm_overrides(arm, student, args, out),
-                             out / f"{name}.log")
             report = newest_report(out / "logs" / name)
             csv = max((out / "logs" / name).rglob("metrics.csv"), key=os.path.getmtime)
-            results["students"][student][arm] = {**report, "wall_s": wall, "peak_rss_mib": peak,
-                                                 "tokens_per_s": median_tokens_per_s(csv), "metrics_csv": str(csv)}
+            results["students"][student][arm] = {**report, **best_held_out(csv), "wall_s": wall,
+                                                 "peak_rss_mib": peak, "tokens_per_s": median_tokens_per_s(csv),
+                                                 "metrics_csv": str(csv), "threads": threads}
             print(f"{name}: held-out ppl {report['student_ppl_before']:.1f} -> {report['student_ppl_after']:.2f} "
                   f"(teacher {report['teacher_ppl_after']:.2f}) in {wall:.0f} s", flush=True)
             (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -20,10 +20,12 @@ def run(args, cwd, timeout=1200):
     return result
 
 
-def test_comparison_runs_every_arm_and_never_overwrites(tmp_path):
+@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+def test_comparison_runs_every_arm_and_never_overwrites(tmp_path, parallel):
     out = tmp_path / "comparison"
     command = [str(ROOT / "bin/distill_comparison.py"), "--config", "configs/distill/cache_quickstart.yaml",
-               "--out", str(out), "--students", "cut", "--steps", "4", "--val-every", "4", "--",
+               "--out", str(out), "--students", "cut", "--steps", "4", "--val-every", "4",
+               *(["--parallel"] if parallel else []), "--",
                "--data.init_args.embedded_documents", "60", "--data.init_args.block_size", "32",
                "--data.init_args.max_blocks", "{validation: 8}", "--trainer.log_every_n_steps", "1"]
     run(command, cwd=ROOT)
@@ -35,7 +37,7 @@ def test_comparison_runs_every_arm_and_never_overwrites(tmp_path):
     assert arms["ce"]["teacher_ppl_after"] == pytest.approx(arms["kd_live"]["teacher_ppl_after"], rel=1e-4)
     for arm in arms.values():
         assert arm["student_ppl_after"] < arm["student_ppl_before"] and arm["peak_rss_mib"] > 0
-        assert arm["tokens_per_s"] > 0
+        assert arm["tokens_per_s"] > 0 and arm["best_ppl"] < arm["student_ppl_before"] and arm["best_step"] > 0
     assert results["cache"]["bytes_per_token"] == pytest.approx(64 * 2 + 64 * 2 + 4 + 4, rel=0.02)
     assert "| cut | kd_cache |" in (out / "results.md").read_text() and (out / "curves.png").stat().st_size > 0
     result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True)
