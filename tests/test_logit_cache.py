@@ -88,8 +88,9 @@ def test_distill_module_from_a_full_vocabulary_cache_gives_the_live_loss(tmp_pat
     cached.model.load_state_dict(live.model.state_dict())
     cached.logit_cache = open_cache(spec, tiny_tokenizer, data)
     batch = next(iter(data.val_dataloader()))
-    _, live_teacher_lp, live_loss, live_stats = live.distill_loss(batch, alpha=0.3)
-    _, cached_teacher_lp, cached_loss, cached_stats = cached.distill_loss(batch, alpha=0.3)
+    _, live_teacher_lp, live_loss, live_stats = live.distill_loss(batch, alpha=0.3, with_teacher_label_logprobs=True)
+    _, cached_teacher_lp, cached_loss, cached_stats = cached.distill_loss(batch, alpha=0.3,
+                                                                          with_teacher_label_logprobs=True)
     assert_close(cached_loss, live_loss, rtol=1e-3, atol=0)  # the stored log-probs are fp16
     assert_close(cached_stats.ce, live_stats.ce, rtol=1e-6, atol=0)
     assert_close(cached_teacher_lp, live_teacher_lp, rtol=1e-5, atol=1e-5)

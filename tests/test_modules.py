@@ -124,7 +124,7 @@ def test_on_policy_batches_train_on_student_completions_only(llama_dir, tokenize
     prompt_part = completed["input_ids"][:, :4]
     assert torch.equal(prompt_part, batch["input_ids"][:, :4])
     assert (completed["labels"][:, :4] == -100).all() and (completed["labels"][:, 4:] != -100).any()
-    fit(module, RaggedData(2, len(tokenizer)), max_steps=2)
+    fit(module, RaggedData(2, len(tokenizer)), max_steps=2, log_every_n_steps=1)
     assert module.trainer.callback_metrics["kd/on_policy"] == 1.0
 
 
@@ -145,7 +145,7 @@ def test_resume_from_last_checkpoint_continues_with_the_same_next_loss(tmp_path,
         checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / root / "ckpt", save_last=True)
         trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, logger=False, callbacks=[recorder, checkpoint],
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                            default_root_dir=tmp_path / root)
+                            log_every_n_steps=1, default_root_dir=tmp_path / root)
         data = WikiTextDataModule(source="embedded", embedded_documents=40, block_size=32, batch_size=8)
         module = SFTModule(model=ModelSpec(**STUDENT), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)

@@ -21,7 +21,9 @@ from lit_distill.rollout import Rollout, generate
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=1e-4)
+    """AdamW at lr 1e-4 with the fused kernel (CPU and CUDA): one kernel for every parameter instead of a loop of
+    small ones, 2-3x faster a step on a small model; TRL / HF Trainer's default (``adamw_torch_fused``) too."""
+    return torch.optim.AdamW(params, lr=1e-4, fused=True)
 
 
 class CausalLMModule(L.LightningModule):
@@ -77,10 +79,9 @@ class CausalLMModule(L.LightningModule):
             return
         count = self.trainer.strategy.reduce(self._step_tokens.to(self.device), reduce_op="sum").clamp(min=1.0)
         self._step_tokens = torch.zeros_like(self._step_tokens)
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    param.grad.div_(count.to(param.grad.dtype))
+        grads = [param.grad for group in optimizer.param_groups for param in group["params"] if param.grad is not None]
+        for dtype in {grad.dtype for grad in grads}:  # one foreach kernel per dtype, not one small kernel per tensor
+            torch._foreach_div_([grad for grad in grads if grad.dtype == dtype], count.to(dtype))
 
     # ---- frozen models stay out of checkpoints ------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -95,9 +96,28 @@ class CausalLMModule(L.LightningModule):
         self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        elapsed = time.perf_counter() - self._batch_start
-        tokens = sum(value.sum().item() for key, value in batch.items() if key.endswith("attention_mask"))
-        self.log("perf/tokens_per_s", tokens / max(elapsed, 1e-9), on_step=True, on_epoch=False)
+        if self.logs_this_step:
+            elapsed = time.perf_counter() - self._batch_start
+            tokens = sum(value.sum() for key, value in batch.items() if key.endswith("attention_mask"))
+            self.log("perf/tokens_per_s", tokens / max(elapsed, 1e-9), on_step=True, on_epoch=False)
+
+    # ---- logging ------------------------------------------------------------------------------------------
+    @property
+    def logs_this_step(self) -> bool:
+        """Whether the loggers write this training step's on-step metrics (every ``trainer.log_every_n_steps``).
+
+        On-step values logged on any other step are never written, but each ``self.log`` still costs Lightning
+        about a millisecond of Python bookkeeping (and ``.item()`` a host sync), several percent of a small model's
+        step; ``log_step_metrics`` skips them. ``trainer.callback_metrics`` then holds the last written step's
+        values. Lightning's own test (``_logger_connector.should_update_logs``) decides, so the two never disagree.
+        """
+        trainer = self.trainer
+        return bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
+
+    def log_step_metrics(self, metrics: dict, prog_bar: bool = False) -> None:
+        """Log per-step training metrics, on the steps the loggers write only (see ``logs_this_step``)."""
+        if self.logs_this_step:
+            self.log_dict(metrics, prog_bar=prog_bar, on_step=True, on_epoch=False)
 
     # ---- generation -----------------------------------------------------------------------------------------
     predict_max_new_tokens = 32

@@ -117,9 +117,11 @@ class DistillModule(CausalLMModule):
             self.print(f"teacher {count_parameters(self.teacher):,} parameters, {student}")
 
     # ---- loss ---------------------------------------------------------------------------------------------
-    def distill_loss(self, batch: dict, alpha: float, reduction: str = "sum"):
-        """Student logits (B, T, V), the teacher's log-prob of each label (B, T − 1), the loss and its stats on the
-        causally shifted batch; the teacher is the live model or the logit cache."""
+    def distill_loss(self, batch: dict, alpha: float, reduction: str = "sum",
+                     with_teacher_label_logprobs: bool = False):
+        """Student logits (B, T, V), the teacher's log-prob of each label (B, T − 1; only when asked for, as
+        evaluation does: training has no use for it, and from a live teacher it costs a pass over its logits), the
+        loss and its stats on the causally shifted batch; the teacher is the live model or the logit cache."""
         hp = self.hparams
         student_logits = causal_lm_logits(self.model, batch["input_ids"], batch["attention_mask"])
         labels = batch["labels"][:, 1:]
@@ -129,11 +131,12 @@ class DistillModule(CausalLMModule):
             cached = self.logit_cache.lookup(batch)
             loss, stats = topk_kd_loss(student_logits[:, :-1], cached.topk_ids, cached.topk_logprobs,
                                        cached.tail_logprob, labels, **loss_args)
-            return student_logits, cached.label_logprob, loss, stats
+            return student_logits, cached.label_logprob if with_teacher_label_logprobs else None, loss, stats
         with torch.no_grad():
             teacher_logits = causal_lm_logits(self.teacher, batch["input_ids"], batch["attention_mask"])
         loss, stats = kd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels, **loss_args)
-        teacher_label_logprobs = token_logprobs(teacher_logits[:, :-1], labels.clamp(min=0))
+        teacher_label_logprobs = (token_logprobs(teacher_logits[:, :-1], labels.clamp(min=0))
+                                  if with_teacher_label_logprobs else None)
         return student_logits, teacher_label_logprobs, loss, stats
 
     def training_step(self, batch, batch_idx):
@@ -144,8 +147,8 @@ class DistillModule(CausalLMModule):
             batch = self.student_completions(batch)
         _, _, loss_sum, stats = self.distill_loss(batch, alpha=0.0 if on_policy else hp.alpha)
         num_tokens = stats.num_tokens.clamp(min=1)
-        self.log_dict({"train/loss": loss_sum.detach() / num_tokens, "train/ce": stats.ce,
-                       "kd/divergence": stats.divergence, "kd/on_policy": float(on_policy)}, prog_bar=False)
+        self.log_step_metrics({"train/loss": loss_sum.detach() / num_tokens, "train/ce": stats.ce,
+                               "kd/divergence": stats.divergence, "kd/on_policy": float(on_policy)})
         return self.step_normalised(loss_sum, stats.num_tokens)
 
     @torch.no_grad()
@@ -174,8 +177,8 @@ class DistillModule(CausalLMModule):
         self.evaluation_step(batch, "test")
 
     def evaluation_step(self, batch: dict, stage: str) -> None:
-        student_logits, teacher_label_logprobs, loss, stats = self.distill_loss(batch, self.hparams.alpha,
-                                                                                reduction="mean")
+        student_logits, teacher_label_logprobs, loss, stats = self.distill_loss(
+            batch, self.hparams.alpha, reduction="mean", with_teacher_label_logprobs=True)
         labels = batch["labels"][:, 1:]
         self.student_ppl(student_logits[:, :-1].float(), labels)
         self.teacher_nll.update(-teacher_label_logprobs[labels != IGNORE_INDEX])
@@ -204,8 +207,8 @@ class DistillModule(CausalLMModule):
         was_training = self.training
         self.eval()
         for batch in self.batches_on_device(dataloader, max_batches):
-            student_logits, teacher_label_logprobs, _, stats = self.distill_loss(batch, self.hparams.alpha,
-                                                                                 reduction="mean")
+            student_logits, teacher_label_logprobs, _, stats = self.distill_loss(
+                batch, self.hparams.alpha, reduction="mean", with_teacher_label_logprobs=True)
             labels = batch["labels"][:, 1:]
             student_ppl.update(student_logits[:, :-1].float(), labels)
             teacher_nll.update(-teacher_label_logprobs[labels != IGNORE_INDEX])

@@ -131,10 +131,11 @@ class DPOModule(CausalLMModule):
     def training_step(self, batch, batch_idx):
         loss_sum, stats, chosen, rejected = self.preference_loss(batch, reduction="sum")
         num_pairs = torch.tensor(len(chosen), device=self.device)
-        self.log_dict({"train/loss": loss_sum.detach() / num_pairs, "dpo/rewards_chosen": stats.rewards_chosen.mean(),
-                       "dpo/rewards_rejected": stats.rewards_rejected.mean(), "dpo/accuracy": stats.accuracy,
-                       "dpo/margin": stats.margin.mean(), "dpo/logps_chosen": chosen.mean(),
-                       "dpo/logps_rejected": rejected.mean()})
+        self.log_step_metrics({"train/loss": loss_sum.detach() / num_pairs,
+                               "dpo/rewards_chosen": stats.rewards_chosen.mean(),
+                               "dpo/rewards_rejected": stats.rewards_rejected.mean(), "dpo/accuracy": stats.accuracy,
+                               "dpo/margin": stats.margin.mean(), "dpo/logps_chosen": chosen.mean(),
+                               "dpo/logps_rejected": rejected.mean()})
         return self.step_normalised(loss_sum, num_pairs)
 
     def validation_step(self, batch, batch_idx):

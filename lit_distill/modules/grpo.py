@@ -100,11 +100,12 @@ class GRPOModule(OnlineRLModule):
         self.record("grpo/frac_zero_std", group_stats.frac_zero_std)
         self.record("perf/rollout_s", torch.tensor(time.perf_counter() - start))
 
+        entropy = "detached" if self.logs_this_step else "none"  # a (B·G, N, V) log-softmax, for the log only
         for _ in range(hp.num_iterations):
             step_loss = torch.zeros((), device=self.device)
             for rows in micro:
                 forward = completion_forward(self.model, rollout.sequences[rows], rollout.attention_mask[rows],
-                                             rollout.prompt_length, hp.temperature, entropy="detached")
+                                             rollout.prompt_length, hp.temperature, entropy=entropy)
                 old = old_logprobs[rows] if old_logprobs is not None else forward.logprobs.detach()
                 numerator, _, stats = grpo_loss(
                     forward.logprobs, old, advantages[rows].to(self.device), mask[rows], loss_type=hp.loss_type,
@@ -116,7 +117,8 @@ class GRPOModule(OnlineRLModule):
                 self.record("grpo/kl", stats.kl)
                 self.record("grpo/clip_ratio", stats.clip_ratio)
                 self.record("grpo/approx_kl", stats.approx_kl)
-                self.record("grpo/entropy", masked_mean(forward.entropy, mask[rows]))
+                if forward.entropy is not None:
+                    self.record("grpo/entropy", masked_mean(forward.entropy, mask[rows]))
             self.optimizer_step()
             self.record("grpo/loss", step_loss)
         self.log_records()

@@ -157,7 +157,8 @@ class PPOModule(OnlineRLModule):
         hp, rollout = self.hparams, experience["rollout"]
         sequences, attention, mask = rollout.sequences[rows], rollout.attention_mask[rows], experience["mask"][rows]
         forward = completion_forward(self.model, sequences, attention, rollout.prompt_length, hp.temperature,
-                                     entropy="differentiable" if hp.entropy_coef else "detached")
+                                     entropy="differentiable" if hp.entropy_coef
+                                     else "detached" if self.logs_this_step else "none")
         values = self.values(forward, sequences, attention, rollout.prompt_length)
         policy_loss, policy_stats = clipped_policy_loss(forward.logprobs, experience["old_logprobs"][rows],
                                                         experience["advantages"][rows], mask, clip_eps=hp.clip_eps)
@@ -174,5 +175,6 @@ class PPOModule(OnlineRLModule):
         self.record("ppo/clipfrac", policy_stats.clipfrac)
         self.record("ppo/ratio", policy_stats.ratio_mean)
         self.record("ppo/value_clipfrac", value_stats.clipfrac)
-        self.record("ppo/entropy", masked_mean(forward.entropy.detach(), mask))
+        if forward.entropy is not None:
+            self.record("ppo/entropy", masked_mean(forward.entropy.detach(), mask))
         return loss

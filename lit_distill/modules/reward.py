@@ -54,9 +54,9 @@ class RewardModule(CausalLMModule):
     def training_step(self, batch, batch_idx):
         loss_sum, stats = self.pair_loss(batch, reduction="sum")
         num_pairs = torch.tensor(batch["margin"].shape[0], device=self.device)
-        self.log_dict({"train/loss": loss_sum.detach() / num_pairs, "reward/accuracy": stats.accuracy,
-                       "reward/margin": stats.margin, "reward/chosen": stats.chosen_mean,
-                       "reward/rejected": stats.rejected_mean})
+        self.log_step_metrics({"train/loss": loss_sum.detach() / num_pairs, "reward/accuracy": stats.accuracy,
+                               "reward/margin": stats.margin, "reward/chosen": stats.chosen_mean,
+                               "reward/rejected": stats.rejected_mean})
         return self.step_normalised(loss_sum, num_pairs)  # pairs, not tokens, are this loss's unit
 
     def validation_step(self, batch, batch_idx):

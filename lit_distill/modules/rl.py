@@ -208,8 +208,8 @@ class OnlineRLModule(CausalLMModule):
         self._stats.setdefault(name, []).append(value.detach().float())
 
     def log_records(self) -> None:
-        self.log_dict({name: torch.stack(values).mean() for name, values in self._stats.items()}, on_step=True,
-                      on_epoch=False)
+        """Log the mean of each recorded statistic, on the steps the loggers write (``logs_this_step``)."""
+        self.log_step_metrics({name: torch.stack(values).mean() for name, values in self._stats.items()})
         self._stats = {}
 
     def record_rollout(self, rollout: Rollout, rewards: Tensor) -> None:
@@ -220,12 +220,13 @@ class OnlineRLModule(CausalLMModule):
         self.record("rollout/completion_length_max", lengths.max())
         self.record("rollout/truncated_frac", rollout.truncated.float().mean())
 
-        self._rollout_tokens = int(rollout.attention_mask.sum())
+        self._rollout_tokens = rollout.attention_mask.sum()  # stays on the device: no host sync
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Throughput counts every token of the rollout (prompts and completions) over rollout + updates."""
-        elapsed = time.perf_counter() - self._batch_start
-        self.log("perf/tokens_per_s", self._rollout_tokens / max(elapsed, 1e-9), on_step=True, on_epoch=False)
+        if self.logs_this_step:
+            elapsed = time.perf_counter() - self._batch_start
+            self.log("perf/tokens_per_s", self._rollout_tokens / max(elapsed, 1e-9), on_step=True, on_epoch=False)
 
     # ---- evaluation: greedy completions scored by the same rewards ----------------------------------------
     def greedy_rewards(self, batch: dict) -> tuple[Tensor, Rollout]:

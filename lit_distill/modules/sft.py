@@ -52,7 +52,7 @@ class SFTModule(CausalLMModule):
     def training_step(self, batch, batch_idx):
         logits = causal_lm_logits(self.model, batch["input_ids"], batch["attention_mask"])
         loss_sum, num_tokens = token_cross_entropy(logits, batch["labels"])
-        self.log("train/loss", loss_sum / num_tokens.clamp(min=1), prog_bar=True)
+        self.log_step_metrics({"train/loss": loss_sum.detach() / num_tokens.clamp(min=1)}, prog_bar=True)
         return self.step_normalised(loss_sum, num_tokens)
 
     def validation_step(self, batch, batch_idx):
