@@ -2,7 +2,8 @@
 
 A directory holds:
 
-* ``tokenizer/``: the package's byte-level BPE (``lit-distill/tokenizer``, 1,024 tokens with its special tokens);
+* ``tokenizer/``: the package's byte-level BPE (``lit-distill/tokenizer``, 1,024 tokens with its special tokens),
+  also saved in every model directory, as in a hub checkpoint;
 * ``policy/``: a random ``LlamaForCausalLM`` (hidden 128, 4 layers, 4 heads, fp32): the policy, the reward model's
   backbone and the KD student's source;
 * ``teacher/`` and ``student/``: the KD pair (hidden 256 × 4 layers → hidden 128 × 2 layers);
@@ -57,6 +58,15 @@ class Workload:
         """``sft``, ``preference`` or ``prompts``: the JSONL file."""
         return str(self.root / f"{name}.jsonl")
 
+    def read(self, name: str) -> list[dict]:
+        """The rows of ``rows(name)``."""
+        return read_jsonl(self.rows(name))
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as file:
+        return [json.loads(line) for line in file if line.strip()]
+
 
 def _random_llama(tokenizer, shape: dict, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -85,6 +95,7 @@ def _write_smollm2_models(workload: Workload) -> None:
         if not (workload.root / name / "config.json").exists():
             model = build_model(ModelSpec(name_or_path="smollm2-135m-instruct", keep_layers=keep_layers), tokenizer)
             model.save_pretrained(workload.model(name))
+            tokenizer.save_pretrained(workload.model(name))
 
 
 def build(root: str | Path, model: str = "tiny", num_rows: int = 2048, seed: int = 0) -> Workload:
@@ -111,6 +122,7 @@ def build(root: str | Path, model: str = "tiny", num_rows: int = 2048, seed: int
         for offset, (name, shape) in enumerate({"policy": POLICY_SHAPE, **KD_SHAPES}.items()):
             if not (workload.root / name / "config.json").exists():
                 _random_llama(tokenizer, shape, seed + offset).save_pretrained(workload.model(name))
+                tokenizer.save_pretrained(workload.model(name))
     problems = corpus.arithmetic_problems(num_rows, seed=seed)
     rng = random.Random(seed)
     rows = {
