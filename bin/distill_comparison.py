@@ -83,7 +83,10 @@ def median_tokens_per_s(metrics_csv: Path) -> float:
 
 
 def arm_overrides(arm: str, student: str, args: argparse.Namespace, out: Path) -> list[str]:
-    overrides = ["--trainer.max_steps", str(args.steps), "--trainer.val_check_interval", str(args.val_every),
+    # After the user's overrides (which apply to every arm), so that what defines an arm always wins: the CE arm
+    # stays CE whatever alpha the overrides give the KD arms.
+    overrides = [*args.overrides, "--trainer.max_steps", str(args.steps),
+                 "--trainer.val_check_interval", str(args.val_every),
                  "--trainer.logger.init_args.save_dir", str(out / "logs"),
                  "--trainer.logger.init_args.name", f"{student}_{arm}",
                  "--model.init_args.save_dir", str(out / "students" / f"{student}_{arm}"),
@@ -97,7 +100,7 @@ def arm_overrides(arm: str, student: str, args: argparse.Namespace, out: Path) -
         overrides += ["--model.init_args.student", f"{{name_or_path: {source}, from_scratch: true, keep_layers: null, "
                       f"config: {args.scratch_config}}}", "--model.init_args.optimizer.init_args.lr",
                       str(args.scratch_lr)]
-    return overrides + args.overrides
+    return overrides
 
 
 def best_held_out(metrics_csv: Path) -> dict:
