@@ -11,7 +11,7 @@ top-p filtering (TRL / OpenRLHF convention): filtering only decides which token 
 value then equals what ``sequence_logprobs`` recomputes on the returned sequences, which is what importance
 ratios and KL terms in RL need.
 
-Speed (``python bin/benchmark.py --only rollout``): everything sized by N is allocated once (the KV cache, see
+Speed (``python -m lit_distill.bench sampling``): everything sized by N is allocated once (the KV cache, see
 ``rollout.cache``, the attention mask and the output buffers) and written in place; tokens are drawn by inverse-CDF
 sampling, which needs one random number per row where ``torch.multinomial`` draws one per vocabulary entry, and
 the normaliser of that CDF gives the recorded log-prob without a second softmax; once half the rows of the batch
