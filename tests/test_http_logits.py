@@ -215,7 +215,7 @@ def test_distill_module_trains_from_a_cache_built_through_the_endpoint(tmp_path,
     torch.manual_seed(0)
     module = DistillModule(QUICK_STUDENT, teacher=None, alpha=0.3, logit_cache=spec)
     before = [parameter.detach().clone() for parameter in module.model.parameters()]
-    trainer = fit(module, data, max_steps=3)
+    trainer = fit(module, data, max_steps=3, log_every_n_steps=1)
     assert module.teacher is None and module.logit_cache.manifest["teacher"]["backend"] == "openai-completions"
     assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/loss"])
     assert all(not torch.equal(a, b) for a, b in zip(before, module.model.parameters()))
