@@ -147,12 +147,10 @@ def build_trl_trainer(workload: Workload, options: Options, on_policy: bool, clo
                       processing_class=tokenizer, callbacks=[timing.hf_clock(clock)])
 
 
-def trl(workload: Workload, options: Options, on_policy: bool) -> float:
-    clock = timing.StepClock(options.warmup, options.device)
-    return trainers.trl_fit(build_trl_trainer(workload, options, on_policy, clock), clock)
-
 
 MEASUREMENTS = [
-    Measurement("kd_off_policy", partial(ours, on_policy=False), partial(trl, on_policy=False)),
-    Measurement("kd_on_policy", partial(ours, on_policy=True), partial(trl, on_policy=True)),
+    Measurement("kd_off_policy", partial(ours, on_policy=False),
+                trainers.trl_measurement(build_trl_trainer, on_policy=False)),
+    Measurement("kd_on_policy", partial(ours, on_policy=True),
+                trainers.trl_measurement(build_trl_trainer, on_policy=True)),
 ]

@@ -78,9 +78,5 @@ def build_trl_trainer(workload: Workload, options: Options, clock: timing.StepCl
                          callbacks=[timing.hf_clock(clock)])
 
 
-def trl(workload: Workload, options: Options) -> float:
-    clock = timing.StepClock(options.warmup, options.device)
-    return trainers.trl_fit(build_trl_trainer(workload, options, clock), clock)
 
-
-MEASUREMENTS = [Measurement("reward", ours=ours, trl=trl)]
+MEASUREMENTS = [Measurement("reward", ours=ours, trl=trainers.trl_measurement(build_trl_trainer))]

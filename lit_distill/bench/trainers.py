@@ -6,8 +6,9 @@ gradient accumulation, fp32, gradient-norm clipping at 1.0, no evaluation, no ch
 gradient checkpointing, dataloader workers 0 and no pinned memory. The optimizer is ``torch.optim.AdamW`` with the
 fused kernel (both frameworks' default) at ``options.lr`` with weight decay 0 and its default betas (0.9, 0.999) and
 eps 1e-8, at a constant LR: each lit_distill module's ``optimizer`` argument (``adamw(options)``, no
-``lr_scheduler``) and TRL's ``optim="adamw_torch_fused"`` with ``lr_scheduler_type="constant"``. Data order: ``training_order`` is the order lit_distill's DataModules draw their
-train split in (a seeded ``DistributedSampler``, epoch 0); hand TRL the rows in that order with
+``lr_scheduler``) and TRL's ``optim="adamw_torch_fused"`` with ``lr_scheduler_type="constant"``. Data order:
+``training_order`` is the order lit_distill's DataModules draw their train split in (a seeded
+``DistributedSampler``, epoch 0); hand TRL the rows in that order with
 ``train_sampling_strategy="sequential"`` (in ``trl_common_args``) and both sides see the same batches.
 
 Logging, at one cadence: every ``LOGGING_STEPS`` optimizer steps. lit_distill's modules log their per-step metrics
@@ -25,7 +26,7 @@ import tempfile
 import torch
 
 from lit_distill.bench import timing
-from lit_distill.bench.workload import Options
+from lit_distill.bench.workload import Options, Workload
 
 LOGGING_STEPS = 10  # both sides' metric-logging cadence, in optimizer steps
 
@@ -137,6 +138,16 @@ def trl_fit(trainer, clock: timing.StepClock) -> float:
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return clock.steps_per_s
+
+
+def trl_measurement(build_trl_trainer, **build_kwargs):
+    """A ``Measurement.trl``: a fresh clock, ``build_trl_trainer(workload, options, clock=clock, **build_kwargs)``,
+    trained by ``trl_fit``; returns the timed steps/s."""
+    def measure(workload: Workload, options: Options) -> float:
+        clock = timing.StepClock(options.warmup, options.device)
+        return trl_fit(build_trl_trainer(workload, options, clock=clock, **build_kwargs), clock)
+
+    return measure
 
 
 def rows_dataset(rows: list[dict], order: list[int], columns: tuple[str, ...]):
