@@ -10,6 +10,35 @@ from torch import nn
 from lit_distill.rollout import position_ids_from_mask
 
 
+class _HeadReached(Exception):
+    """Raised by the capturing hook once the output head's input is captured, to end the forward there."""
+
+
+def _forward_capturing_head_input(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                  stop_at_head: bool, **kwargs) -> tuple[object, torch.Tensor]:
+    """The model's output (None when stopped at the head) and the hidden states entering its output head."""
+    captured = []
+
+    def capture(module, args):
+        captured.append(args[0])
+        if stop_at_head:
+            raise _HeadReached
+
+    output = None
+    handle = model.get_output_embeddings().register_forward_pre_hook(capture)
+    try:
+        output = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs)
+    except _HeadReached:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"{type(model).__name__}'s forward never reached its output head "
+                           "(get_output_embeddings()): no hidden states to read")
+    return output, captured[0]
+
+
 def forward_with_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                **kwargs) -> tuple[object, torch.Tensor]:
     """One forward pass returning the model's output and the (B, T', H) hidden states entering its output head
@@ -19,47 +48,18 @@ def forward_with_hidden_states(model: nn.Module, input_ids: torch.Tensor, attent
     (HF models, peft-wrapped models, the pico models) without knowing where its decoder lives. Position ids come
     from the mask, so left padding is handled; no KV cache is built (see ``causal_lm_logits``).
     """
-    captured = []
-    head = model.get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    try:
-        output = model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs)
-    finally:
-        handle.remove()
-    return output, captured[0]
-
-
-class _HeadReached(Exception):
-    """Raised by ``final_hidden_states``'s hook once the output head's input is captured, ending the forward."""
+    return _forward_capturing_head_input(model, input_ids, attention_mask, stop_at_head=False, **kwargs)
 
 
 def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T, H) hidden states entering the model's output head, without running the head.
 
     A reward model needs no (B, T, V) logits: computing them would be a wasted matmul (a few percent of the forward
-    at a 1k vocabulary, about a third of it at SmolLM2's 49k) and a logits-sized activation. The forward pre-hook
-    on ``get_output_embeddings()`` (see ``forward_with_hidden_states``) captures the head's input and then stops the
-    forward; the head is the last layer of a causal LM, so nothing else is skipped.
+    at a 1k vocabulary, about a third of it at SmolLM2's 49k) and a logits-sized activation. The same pre-hook as
+    ``forward_with_hidden_states`` captures the head's input and then stops the forward; the head is the last layer
+    of a causal LM, so nothing else is skipped.
     """
-    captured = []
-
-    def capture_and_stop(module, args):
-        captured.append(args[0])
-        raise _HeadReached
-
-    handle = model.get_output_embeddings().register_forward_pre_hook(capture_and_stop)
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-              use_cache=False)
-    except _HeadReached:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"{type(model).__name__}'s forward never reached its output head "
-                           "(get_output_embeddings()): no hidden states to score")
-    return captured[0]
+    return _forward_capturing_head_input(model, input_ids, attention_mask, stop_at_head=True)[1]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
