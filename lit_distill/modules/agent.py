@@ -29,9 +29,8 @@ from torchmetrics import MeanMetric
 
 from lit_distill.data.collate import collate_sft, join, tokenize_completion
 from lit_distill.data.squad import SQuADDataModule
-from lit_distill.losses.logprobs import sequence_logprobs_from_logits
 from lit_distill.models.loading import ModelSpec, build_model, count_parameters, load_tokenizer
-from lit_distill.models.forward import causal_lm_logits
+from lit_distill.models.forward import labelled_sequence_logprobs
 from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
 from lit_distill.rewards import ReferenceMatch, Reward, SentenceEmbeddingCosine
@@ -172,8 +171,8 @@ class AgentModule(CausalLMModule):
         if (~correct).any():  # corrective SFT on the teacher's answers
             rows = (~correct).nonzero().squeeze(-1).tolist()
             correction = self.correction_batch(batch, [teacher_answers[i] for i in rows], rows)
-            logits = causal_lm_logits(self.model, correction["input_ids"], correction["attention_mask"])
-            logps, counts = sequence_logprobs_from_logits(logits, correction["labels"])
+            logps, counts = labelled_sequence_logprobs(self.model, correction["input_ids"],
+                                                       correction["attention_mask"], correction["labels"])
             loss_sum = loss_sum - hp.correction_weight * logps.sum()
             num_tokens = num_tokens + counts.sum()
 

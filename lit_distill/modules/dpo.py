@@ -16,9 +16,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
-from lit_distill.losses import DPO_LOSS_TYPES, dpo_loss, sequence_logprobs_from_logits
+from lit_distill.losses import DPO_LOSS_TYPES, dpo_loss
 from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer
-from lit_distill.models.forward import causal_lm_logits
+from lit_distill.models.forward import labelled_sequence_logprobs
 from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
 
@@ -76,11 +76,12 @@ class DPOModule(CausalLMModule):
 
     # ---- log-probs ----------------------------------------------------------------------------------------
     def sequence_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chosen and rejected (B,) log-probs from one (2B, T) forward; per-token means for IPO."""
+        """Chosen and rejected (B,) log-probs from one (2B, T) forward, the head on completion tokens only; per-token
+        means for IPO."""
         input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
         attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
         labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-        logps, counts = sequence_logprobs_from_logits(causal_lm_logits(model, input_ids, attention_mask), labels)
+        logps, counts = labelled_sequence_logprobs(model, input_ids, attention_mask, labels)
         if self.hparams.loss_type == "ipo":
             logps = logps / counts.clamp(min=1)
         chosen, rejected = logps.chunk(2)

@@ -10,24 +10,15 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.text import SQuAD, Perplexity
 
 from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer
-from lit_distill.models.forward import causal_lm_logits
+from lit_distill.models.forward import LabelledLogits, labelled_logits
 from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
-    """Summed next-token cross-entropy and the number of loss tokens.
-
-    Args:
-        logits: (B, T, V) logits at every position.
-        labels: (B, T) targets aligned with the inputs (shifted here); ``ignore_index`` marks non-loss tokens.
-    Returns:
-        ``(loss_sum, num_tokens)``, fp32 scalars.
-    """
-    shifted_logits = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V)
-    shifted_labels = labels[:, 1:].flatten()  # (B*(T-1),)
-    loss_sum = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=ignore_index, reduction="sum")
-    return loss_sum, (shifted_labels != ignore_index).sum()
+def token_cross_entropy(scored: LabelledLogits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over the labelled positions and their count, fp32 scalars."""
+    loss_sum = F.cross_entropy(scored.logits.float(), scored.targets, reduction="sum")
+    return loss_sum, scored.mask.sum()
 
 
 class SFTModule(CausalLMModule):
@@ -49,9 +40,12 @@ class SFTModule(CausalLMModule):
         self.ppl = Perplexity(ignore_index=-100)
         self.squad = SQuAD()
 
+    def scored(self, batch: dict) -> LabelledLogits:
+        """Logits at the labelled positions only (prompt and padding tokens never reach the LM head)."""
+        return labelled_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
     def training_step(self, batch, batch_idx):
-        logits = causal_lm_logits(self.model, batch["input_ids"], batch["attention_mask"])
-        loss_sum, num_tokens = token_cross_entropy(logits, batch["labels"])
+        loss_sum, num_tokens = token_cross_entropy(self.scored(batch))
         self.log_step_metrics({"train/loss": loss_sum.detach() / num_tokens.clamp(min=1)}, prog_bar=True)
         return self.step_normalised(loss_sum, num_tokens)
 
@@ -62,9 +56,9 @@ class SFTModule(CausalLMModule):
         self.evaluation_step(batch, "test")
 
     def evaluation_step(self, batch, stage: str) -> None:
-        logits = causal_lm_logits(self.model, batch["input_ids"], batch["attention_mask"])
-        loss_sum, num_tokens = token_cross_entropy(logits, batch["labels"])
-        self.ppl(logits[:, :-1].float(), batch["labels"][:, 1:])
+        scored = self.scored(batch)
+        loss_sum, num_tokens = token_cross_entropy(scored)
+        self.ppl(scored.logits[None].float(), scored.targets[None])  # (1, N, V): the metric wants a batch dim
         self.log(f"{stage}/loss", loss_sum / num_tokens.clamp(min=1), batch_size=int(num_tokens), sync_dist=True)
         self.log(f"{stage}/ppl", self.ppl, prog_bar=True)
         if "answers" in batch:
