@@ -96,8 +96,13 @@ def parse_args(argv: Optional[list[str]], training: list[str]) -> argparse.Names
     parser.add_argument("--json", type=Path, help="write the results here (refused if the file exists)")
     group = parser.add_argument_group("training loops (warmup, steps, lr, device and seed also for mfu)")
     for option in dataclasses.fields(Options):
-        group.add_argument(f"--{option.name.replace('_', '-')}", type=type(option.default), default=option.default,
-                           help=f"default: {option.default}")
+        flag = f"--{option.name.replace('_', '-')}"
+        if isinstance(option.default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=option.default,
+                               help=f"default: {option.default}")
+        else:
+            group.add_argument(flag, type=type(option.default), default=option.default,
+                               help=f"default: {option.default}")
     for name in KERNELS:
         group = parser.add_argument_group(name)
         for option in dataclasses.fields(kernel(name).Settings):

@@ -42,7 +42,8 @@ def build_module(workload: Workload, options: Options):
     from lit_distill.modules import DPOModule
 
     trainers.seed(options)
-    return DPOModule(policy=ModelSpec(name_or_path=workload.model("policy"), tokenizer=workload.tokenizer),
+    return DPOModule(policy=ModelSpec(name_or_path=workload.model("policy"), tokenizer=workload.tokenizer,
+                                      compile=options.compile),
                      beta=BETA, loss_type="sigmoid", precompute_reference=False, optimizer=trainers.adamw(options))
 
 

@@ -64,7 +64,8 @@ def build_module(workload: Workload, options: Options):
     from lit_distill.rewards import ArithmeticReward
 
     trainers.seed(options)
-    return GRPOModule(policy=ModelSpec(name_or_path=workload.model("policy"), tokenizer=workload.tokenizer),
+    return GRPOModule(policy=ModelSpec(name_or_path=workload.model("policy"), tokenizer=workload.tokenizer,
+                                       compile=options.compile),
                       rewards=[ArithmeticReward()], num_generations=options.num_generations, beta=BETA,
                       loss_type=LOSS_TYPE, scale_rewards=SCALE_REWARDS, clip_eps=CLIP_EPS, num_iterations=1,
                       mask_truncated_completions=False, max_new_tokens=options.new_tokens, temperature=1.0, top_k=0,

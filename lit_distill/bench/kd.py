@@ -108,7 +108,8 @@ def build_module(workload: Workload, options: Options, on_policy: bool):
     from lit_distill.modules import DistillModule
 
     trainers.seed(options)
-    return DistillModule(student=ModelSpec(name_or_path=workload.model("student"), tokenizer=workload.tokenizer),
+    return DistillModule(student=ModelSpec(name_or_path=workload.model("student"), tokenizer=workload.tokenizer,
+                                           compile=options.compile),
                          teacher=ModelSpec(name_or_path=workload.model("teacher"), tokenizer=workload.tokenizer),
                          divergence="forward_kl", temperature=1.0, alpha=0.0,
                          on_policy_fraction=1.0 if on_policy else 0.0, prompt_tokens=options.max_length,

@@ -57,7 +57,8 @@ def build_module(workload: Workload, options: Options):
     from lit_distill.modules import RewardModule
 
     trainers.seed(options)
-    return RewardModule(model=ModelSpec(name_or_path=workload.model("policy"), tokenizer=workload.tokenizer),
+    return RewardModule(model=ModelSpec(name_or_path=workload.model("policy"), tokenizer=workload.tokenizer,
+                                        compile=options.compile),
                         center_coefficient=0.0, optimizer=trainers.adamw(options))
 
 

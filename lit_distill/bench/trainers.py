@@ -124,6 +124,7 @@ def trl_common_args(options: Options) -> dict:
         use_cpu=accelerator(options) == "cpu",
         seed=options.seed,
         data_seed=options.seed,
+        torch_compile=options.compile,
     )
 
 

@@ -80,6 +80,8 @@ class ModelSpec:
     keep_layers: Optional[list[int]] = None
     lora: Optional[LoRASpec] = None
     gradient_checkpointing: bool = False
+    # torch.compile each decoder layer (see compile_decoder_layers): faster steps after a one-off compile.
+    compile: bool = False
 
 
 # Specs are stored in checkpoint hyper-parameters; allow them in torch.load(weights_only=True).
@@ -151,7 +153,31 @@ def build_model(spec: ModelSpec, tokenizer: Optional[PreTrainedTokenizerBase] = 
         model.gradient_checkpointing_enable()
     if spec.lora is not None:
         model = apply_lora(model, spec.lora)
+    if spec.compile:
+        compile_decoder_layers(model)
     return model
+
+
+def copy_model(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    """A deep copy of ``model`` built from ``spec`` (e.g. a frozen reference), compiled like it: ``deepcopy`` keeps
+    the weights but drops ``nn.Module.compile``."""
+    copied = copy.deepcopy(model)
+    if spec.compile:
+        compile_decoder_layers(copied)
+    return copied
+
+
+def compile_decoder_layers(model: nn.Module) -> None:
+    """``torch.compile`` every decoder layer in place (regional compilation, as torchtune and torchtitan do).
+
+    The layers share one code object, so one compiled graph serves them all and the compile time is that of one
+    layer; the embedding, the output head and this package's hooks on it (``final_hidden_states``) stay eager, and
+    parameter names and checkpoints are unchanged (``nn.Module.compile`` keeps the module). Sequence lengths vary
+    from batch to batch, so the second length seen switches to a dynamic-shape graph rather than recompiling per
+    length. Sampling runs the layers eagerly (``CausalLMModule.complete``): a growing KV cache would recompile.
+    """
+    for layer in decoder_layers(model):
+        layer.compile()
 
 
 def _with_tokenizer_ids(overrides: dict, tokenizer: Optional[PreTrainedTokenizerBase]) -> dict:

@@ -8,7 +8,6 @@ a separate frozen model (``reference``), or a frozen copy of the initial policy.
 
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
@@ -17,7 +16,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from lit_distill.losses import DPO_LOSS_TYPES, dpo_loss
-from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer
+from lit_distill.models.loading import ModelSpec, build_model, copy_model, load_tokenizer
 from lit_distill.models.forward import labelled_sequence_logprobs
 from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
@@ -60,7 +59,7 @@ class DPOModule(CausalLMModule):
         if reference is not None:
             self.reference = build_model(reference, load_tokenizer(reference.tokenizer or reference.name_or_path))
         elif not self.uses_adapter_reference:
-            self.reference = copy.deepcopy(self.model)
+            self.reference = copy_model(self.model, policy)
         if self.reference is not None:
             self.reference.eval().requires_grad_(False)
         self.precomputed: dict[bytes, tuple[float, float]] = {}

@@ -13,7 +13,6 @@ counts updates (rollouts × updates per rollout), and the LR schedule spans that
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
@@ -25,7 +24,7 @@ from torchmetrics import MeanMetric
 
 from lit_distill.losses.logprobs import token_logprobs
 from lit_distill.models.heads import forward_with_hidden_states
-from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer
+from lit_distill.models.loading import ModelSpec, build_model, copy_model, load_tokenizer
 from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
 from lit_distill.rewards import Reward, WeightedRewards
@@ -96,7 +95,7 @@ class OnlineRLModule(CausalLMModule):
         if needs_reference and reference is not None:
             self.reference = build_model(reference, load_tokenizer(reference.tokenizer or reference.name_or_path))
         elif needs_reference and not self.uses_adapter_reference:
-            self.reference = copy.deepcopy(self.model)
+            self.reference = copy_model(self.model, policy)
         if self.reference is not None:
             self.reference.eval().requires_grad_(False)
         self.val_reward = MeanMetric()
