@@ -80,7 +80,7 @@ class ModelSpec:
     keep_layers: Optional[list[int]] = None
     lora: Optional[LoRASpec] = None
     gradient_checkpointing: bool = False
-    # torch.compile each decoder layer (see compile_decoder_layers): faster steps after a one-off compile.
+    # torch.compile the decoder stack (see compile_decoder): faster steps after a one-off compile.
     compile: bool = False
 
 
@@ -154,7 +154,7 @@ def build_model(spec: ModelSpec, tokenizer: Optional[PreTrainedTokenizerBase] = 
     if spec.lora is not None:
         model = apply_lora(model, spec.lora)
     if spec.compile:
-        compile_decoder_layers(model)
+        compile_decoder(model)
     return model
 
 
@@ -163,21 +163,25 @@ def copy_model(model: nn.Module, spec: ModelSpec) -> nn.Module:
     the weights but drops ``nn.Module.compile``."""
     copied = copy.deepcopy(model)
     if spec.compile:
-        compile_decoder_layers(copied)
+        compile_decoder(copied)
     return copied
 
 
-def compile_decoder_layers(model: nn.Module) -> None:
-    """``torch.compile`` every decoder layer in place (regional compilation, as torchtune and torchtitan do).
+def compile_decoder(model: nn.Module) -> None:
+    """``torch.compile`` the model's decoder stack in place: embedding, layers and final norm, without the head.
 
-    The layers share one code object, so one compiled graph serves them all and the compile time is that of one
-    layer; the embedding, the output head and this package's hooks on it (``final_hidden_states``) stay eager, and
-    parameter names and checkpoints are unchanged (``nn.Module.compile`` keeps the module). Sequence lengths vary
-    from batch to batch, so the second length seen switches to a dynamic-shape graph rather than recompiling per
-    length. Sampling runs the layers eagerly (``CausalLMModule.complete``): a growing KV cache would recompile.
+    Whole-stack graphs measured faster than per-layer ones on small models here (``README.md``, Benchmarks): the
+    Python between layers goes too. The output head and this package's hooks on it (``final_hidden_states``)
+    stay eager, and parameter names and checkpoints are unchanged (``nn.Module.compile`` keeps the module).
+    A model with no separate decoder (``get_decoder()`` is the model itself) has each decoder layer compiled
+    instead. Sequence lengths vary from batch to batch, so the second length seen switches to a dynamic-shape
+    graph rather than recompiling per length. Sampling runs eagerly (``CausalLMModule.complete``): a growing KV
+    cache would recompile.
     """
-    for layer in decoder_layers(model):
-        layer.compile()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    for module in ([decoder] if decoder is not base else decoder_layers(base)):
+        module.compile()
 
 
 def _with_tokenizer_ids(overrides: dict, tokenizer: Optional[PreTrainedTokenizerBase]) -> dict:
