@@ -173,13 +173,13 @@ def compile_decoder(model: nn.Module) -> None:
     Whole-stack graphs measured faster than per-layer ones on small models here (``README.md``, Benchmarks): the
     Python between layers goes too. The output head and this package's hooks on it (``final_hidden_states``)
     stay eager, and parameter names and checkpoints are unchanged (``nn.Module.compile`` keeps the module).
-    A model with no separate decoder (``get_decoder()`` is the model itself) has each decoder layer compiled
+    A model with no separate decoder (``get_decoder()`` missing, None or the model itself) has each decoder layer compiled
     instead. Sequence lengths vary from batch to batch, so the second length seen switches to a dynamic-shape
     graph rather than recompiling per length. Sampling runs eagerly (``CausalLMModule.complete``): a growing KV
     cache would recompile.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    decoder = (base.get_decoder() if hasattr(base, "get_decoder") else None) or base
     for module in ([decoder] if decoder is not base else decoder_layers(base)):
         module.compile()
 

@@ -131,7 +131,7 @@ class CausalLMModule(L.LightningModule):
         """
         was_training = self.model.training
         self.model.eval()
-        with torch.compiler.set_stance("force_eager"):  # compiled layers (ModelSpec.compile) run eagerly here
+        with torch.compiler.set_stance("force_eager"):  # a compiled decoder (ModelSpec.compile) runs eagerly here
             rollout = generate(self.model, input_ids, attention_mask,
                                eos_token_id=eos_token_ids(self.model, self.tokenizer),
                                pad_token_id=self.tokenizer.pad_token_id, tokenizer=self.tokenizer, **sampling)
