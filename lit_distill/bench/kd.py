@@ -148,7 +148,6 @@ def build_trl_trainer(workload: Workload, options: Options, on_policy: bool, clo
                       processing_class=tokenizer, callbacks=[timing.hf_clock(clock)])
 
 
-
 MEASUREMENTS = [
     Measurement("kd_off_policy", partial(ours, on_policy=False),
                 trainers.trl_measurement(build_trl_trainer, on_policy=False)),

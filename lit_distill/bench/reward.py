@@ -79,5 +79,4 @@ def build_trl_trainer(workload: Workload, options: Options, clock: timing.StepCl
                          callbacks=[timing.hf_clock(clock)])
 
 
-
 MEASUREMENTS = [Measurement("reward", ours=ours, trl=trainers.trl_measurement(build_trl_trainer))]

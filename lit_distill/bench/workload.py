@@ -150,7 +150,7 @@ class Options:
     num_generations: int = 4  # GRPO group size
     device: str = "cpu"
     seed: int = 0
-    compile: bool = False  # torch.compile: lit_distill's ModelSpec.compile (per layer), TRL's torch_compile
+    compile: bool = False  # torch.compile: lit_distill's ModelSpec.compile (the decoder stack), TRL's torch_compile
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from lit_distill.data.collate import IGNORE_INDEX
 from lit_distill.losses.logprobs import token_logprobs
 from lit_distill.models.heads import final_hidden_states
 from lit_distill.rollout.sampling import position_ids_from_mask
-
-IGNORE_INDEX = -100
 
 # Config fields with which an HF model changes its output head's result before returning it as logits (Gemma 2/3
 # soft-capping, Cohere's scale, Granite's divisor, Falcon-H1's multiplier). A model that sets one is scored through
