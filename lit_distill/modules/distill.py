@@ -20,6 +20,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from lit_distill.data.collate import IGNORE_INDEX
 from lit_distill.losses import DIVERGENCES, kd_loss, token_logprobs, topk_kd_loss
 from lit_distill.models.loading import ModelSpec, build_model, count_parameters, load_tokenizer
 from lit_distill.models.forward import causal_lm_logits
@@ -28,8 +29,6 @@ from lit_distill.optim import SchedulerCallable
 from lit_distill.rollout import left_pad, rollout_generator
 from lit_distill.teachers.logit_cache import (LogitCache, LogitCacheSpec, build_logit_cache, cache_teacher,
                                               config_summary)
-
-IGNORE_INDEX = -100
 
 
 class DistillModule(CausalLMModule):

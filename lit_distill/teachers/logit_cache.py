@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from lit_distill.data.collate import IGNORE_INDEX
 from lit_distill.losses.topk_kd import tail_log_prob
 from lit_distill.models.forward import causal_lm_logits
 from lit_distill.models.loading import ModelSpec, build_model
@@ -48,7 +49,6 @@ from lit_distill.models.loading import ModelSpec, build_model
 FORMAT = "lit_distill.teacher_logits"
 VERSION = 1
 MANIFEST = "cache.json"
-IGNORE_INDEX = -100
 _ROWS_PER_SOFTMAX = 512  # loss positions turned into fp32 log-probs at once while building (bounds memory)
 
 
