@@ -290,8 +290,14 @@ def reduce_kd(student_logits: Tensor, teacher: tuple[Tensor, ...], labels: Tenso
     weights = torch.tensor([alpha, (1.0 - alpha) * temperature ** 2], dtype=dtype, device=student_logits.device)
     if chunk_size is None:
         # Indexing the (B, T, ...) views with the (B, T) mask copies only the unmasked rows, even from the
-        # non-contiguous slices made by the causal shift and align_vocab.
-        sums = chunk_sums(student_logits[mask], tuple(tensor[mask] for tensor in teacher), labels[mask])  # (2,)
+        # non-contiguous slices made by the causal shift and align_vocab; rows that are all scored (a caller's
+        # labelled logits, an unpadded batch) are only flattened, which is a view when they are contiguous.
+        all_scored = bool(mask.all())  # one host sync, as boolean indexing would cost anyway
+
+        def rows(tensor: Tensor) -> Tensor:
+            return tensor.flatten(0, mask.dim() - 1) if all_scored else tensor[mask]
+
+        sums = chunk_sums(rows(student_logits), tuple(rows(tensor) for tensor in teacher), rows(labels))  # (2,)
         loss = weights @ sums
     else:
         loss, sums = ChunkedKD.apply(student_logits, teacher, labels, mask.nonzero(), weights, chunk_size,

@@ -23,11 +23,11 @@ from torchmetrics.text import Perplexity
 from lit_distill.data.collate import IGNORE_INDEX
 from lit_distill.losses import DIVERGENCES, kd_loss, token_logprobs, topk_kd_loss
 from lit_distill.models.loading import ModelSpec, build_model, count_parameters, load_tokenizer
-from lit_distill.models.forward import causal_lm_logits
+from lit_distill.models.forward import labelled_logits
 from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
 from lit_distill.rollout import left_pad, rollout_generator
-from lit_distill.teachers.logit_cache import (LogitCache, LogitCacheSpec, build_logit_cache, cache_teacher,
+from lit_distill.teachers.logit_cache import (CachedTeacherOutputs, LogitCache, LogitCacheSpec, build_logit_cache, cache_teacher,
                                               config_summary)
 
 
@@ -118,25 +118,28 @@ class DistillModule(CausalLMModule):
     # ---- loss ---------------------------------------------------------------------------------------------
     def distill_loss(self, batch: dict, alpha: float, reduction: str = "sum",
                      with_teacher_label_logprobs: bool = False):
-        """Student logits (B, T, V), the teacher's log-prob of each label (B, T − 1; only when asked for, as
-        evaluation does: training has no use for it, and from a live teacher it costs a pass over its logits), the
-        loss and its stats on the causally shifted batch; the teacher is the live model or the logit cache."""
+        """The student's ``LabelledLogits`` (N, V), the teacher's log-prob of each label (N,; only when asked for,
+        as evaluation does: training has no use for it, and from a live teacher it costs a pass over its logits),
+        the loss and its stats on the causally shifted batch; the teacher is the live model or the logit cache.
+
+        Both models run their output head on the N labelled positions only (``labelled_logits``): prompt, padding
+        and last-position logits are never computed, nor copied out of a (B, T, V) tensor by the loss."""
         hp = self.hparams
-        student_logits = causal_lm_logits(self.model, batch["input_ids"], batch["attention_mask"])
-        labels = batch["labels"][:, 1:]
+        student = labelled_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         loss_args = dict(divergence=hp.divergence, temperature=hp.temperature, alpha=alpha, beta=hp.beta,
                          chunk_size=hp.chunk_size, reduction=reduction, vocab_size=len(self.tokenizer))
         if self.logit_cache is not None:
-            cached = self.logit_cache.lookup(batch)
-            loss, stats = topk_kd_loss(student_logits[:, :-1], cached.topk_ids, cached.topk_logprobs,
-                                       cached.tail_logprob, labels, **loss_args)
-            return student_logits, cached.label_logprob if with_teacher_label_logprobs else None, loss, stats
+            cached = CachedTeacherOutputs(*(dense[student.mask] for dense in self.logit_cache.lookup(batch)))
+            loss, stats = topk_kd_loss(student.logits, cached.topk_ids, cached.topk_logprobs, cached.tail_logprob,
+                                       student.targets, **loss_args)
+            return student, cached.label_logprob if with_teacher_label_logprobs else None, loss, stats
         with torch.no_grad():
-            teacher_logits = causal_lm_logits(self.teacher, batch["input_ids"], batch["attention_mask"])
-        loss, stats = kd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels, **loss_args)
-        teacher_label_logprobs = (token_logprobs(teacher_logits[:, :-1], labels.clamp(min=0))
-                                  if with_teacher_label_logprobs else None)
-        return student_logits, teacher_label_logprobs, loss, stats
+            teacher_logits = labelled_logits(self.teacher, batch["input_ids"], batch["attention_mask"],
+                                             batch["labels"]).logits  # (N, V)
+        loss, stats = kd_loss(student.logits, teacher_logits, student.targets, **loss_args)
+        teacher_label_logprobs = (token_logprobs(teacher_logits, student.targets) if with_teacher_label_logprobs
+                                  else None)
+        return student, teacher_label_logprobs, loss, stats
 
     def training_step(self, batch, batch_idx):
         hp = self.hparams
@@ -176,11 +179,10 @@ class DistillModule(CausalLMModule):
         self.evaluation_step(batch, "test")
 
     def evaluation_step(self, batch: dict, stage: str) -> None:
-        student_logits, teacher_label_logprobs, loss, stats = self.distill_loss(
+        student, teacher_label_logprobs, loss, stats = self.distill_loss(
             batch, self.hparams.alpha, reduction="mean", with_teacher_label_logprobs=True)
-        labels = batch["labels"][:, 1:]
-        self.student_ppl(student_logits[:, :-1].float(), labels)
-        self.teacher_nll.update(-teacher_label_logprobs[labels != IGNORE_INDEX])
+        self.student_ppl(student.logits[None].float(), student.targets[None])  # (1, N, V): all N positions scored
+        self.teacher_nll.update(-teacher_label_logprobs)
         self.mean_divergence.update(stats.divergence, weight=stats.num_tokens)
         tokens = int(stats.num_tokens)
         self.log_dict({f"{stage}/loss": loss, f"{stage}/ce": stats.ce}, batch_size=tokens, sync_dist=True)
@@ -206,11 +208,10 @@ class DistillModule(CausalLMModule):
         was_training = self.training
         self.eval()
         for batch in self.batches_on_device(dataloader, max_batches):
-            student_logits, teacher_label_logprobs, _, stats = self.distill_loss(
+            student, teacher_label_logprobs, _, stats = self.distill_loss(
                 batch, self.hparams.alpha, reduction="mean", with_teacher_label_logprobs=True)
-            labels = batch["labels"][:, 1:]
-            student_ppl.update(student_logits[:, :-1].float(), labels)
-            teacher_nll.update(-teacher_label_logprobs[labels != IGNORE_INDEX])
+            student_ppl.update(student.logits[None].float(), student.targets[None])
+            teacher_nll.update(-teacher_label_logprobs)
             divergence.update(stats.divergence, weight=stats.num_tokens)
         self.train(was_training)
         return {"student_ppl": student_ppl.compute().item(), "teacher_ppl": teacher_nll.compute().exp().item(),
