@@ -8,6 +8,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,14 @@ from lit_distill.models.loading import load_tokenizer
 from lit_distill.rollout import position_ids_from_mask
 
 TOKENIZER = "lit-distill/tokenizer"
+
+
+@pytest.fixture(autouse=True)
+def finish_wandb_runs():
+    """A test that fails mid-fit leaves its wandb run active, and the next WandbLogger would log into it."""
+    yield
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
 
 
 def tiny_llama(vocab_size: int, layers: int = 2, hidden: int = 32, seed: int = 0) -> LlamaForCausalLM:

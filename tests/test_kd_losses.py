@@ -218,6 +218,24 @@ def test_chunked_equals_full(divergence, chunk_size):
     assert full_grad[0, 1].abs().sum() == 0 and full_grad[0, 0].abs().sum() > 0  # masked rows get no gradient
 
 
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_gathered_rows_equal_the_masked_batch(chunk_size):
+    """(N, V) rows gathered at the labelled positions (what DistillModule passes) give the (B, T, V) loss."""
+    student, teacher, labels = random_batch(seed=9, batch=2, time=6, vocab=7, masked=((0, 2), (1, 5)))
+    mask = labels != -100
+    results = []
+    for leaf, teacher_rows, label_rows in ((student.clone().requires_grad_(True), teacher, labels),
+                                           (student[mask].clone().requires_grad_(True), teacher[mask], labels[mask])):
+        loss, stats = kd_loss(leaf, teacher_rows, label_rows, divergence="jsd", temperature=2.0, alpha=0.3,
+                              chunk_size=chunk_size)
+        loss.backward()
+        results.append((loss.detach(), stats.num_tokens, leaf.grad))
+    (batch_loss, batch_tokens, batch_grad), (row_loss, row_tokens, row_grad) = results
+    assert_close(row_loss, batch_loss, rtol=1e-6, atol=1e-7)
+    assert row_tokens == batch_tokens == 10
+    assert_close(row_grad, batch_grad[mask], rtol=1e-6, atol=1e-7)
+
+
 def _saved_for_backward(chunk_size, dtype):
     """(shape, dtype) of every floating tensor still saved for backward once the forward pass is over (the
     per-chunk graphs built inside the chunked forward are gone by then)."""

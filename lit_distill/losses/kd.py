@@ -192,8 +192,8 @@ class ChunkedKD(torch.autograd.Function):
     """The weighted loss sum over unmasked positions, ``chunk_size`` positions at a time, with each chunk's
     gradient computed during the forward pass.
 
-    ``teacher`` is a tuple of tensors indexed like ``labels`` in their leading (B, T) dims: the teacher's logits
-    (B, T, V) for the full-vocabulary loss, or its cached top-k ids, log-probs and tail (``topk_kd_loss``).
+    ``teacher`` is a tuple of tensors indexed like ``labels`` in their leading dims ((B, T), or (N,) for rows
+    already gathered): the teacher's logits (..., V) for the full-vocabulary loss, or its cached top-k ids, log-probs and tail (``topk_kd_loss``).
     ``chunk_sums(student (n, V), teacher rows, labels (n,))`` returns the chunk's (CE sum, divergence sum).
 
     The loss is a sum of per-position terms, so the gradient of a position's logits depends on that position only.
@@ -205,19 +205,19 @@ class ChunkedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher, labels, positions, weights, chunk_size, chunk_sums):
         needs_grad = ctx.needs_input_grad[0]
-        grad = torch.zeros_like(student_logits) if needs_grad else None  # (B, T, V)
+        grad = torch.zeros_like(student_logits) if needs_grad else None  # like student_logits: (..., V)
         sums = weights.new_zeros(2)  # (CE sum, divergence sum)
-        for chunk in positions.split(chunk_size):  # (n, 2) (batch, time) indices of unmasked positions
-            batch_index, time_index = chunk.unbind(-1)
-            student = student_logits[batch_index, time_index]  # (n, V): a copy of this chunk only
-            rows = tuple(tensor[batch_index, time_index] for tensor in teacher)
-            targets = labels[batch_index, time_index]
+        for chunk in positions.split(chunk_size):  # (n, labels.dim()) indices of unmasked positions
+            index = tuple(chunk.unbind(-1))  # one index tensor per leading dim: (batch, time), or (row,)
+            student = student_logits[index]  # (n, V): a copy of this chunk only
+            rows = tuple(tensor[index] for tensor in teacher)
+            targets = labels[index]
             if needs_grad:
                 with torch.enable_grad():
                     student = student.detach().requires_grad_(True)
                     chunk_sum = chunk_sums(student, rows, targets)  # (2,)
                     (chunk_grad,) = torch.autograd.grad(weights @ chunk_sum, student)
-                grad[batch_index, time_index] = chunk_grad
+                grad[index] = chunk_grad
             else:
                 chunk_sum = chunk_sums(student, rows, targets)
             sums += chunk_sum.detach()
@@ -248,9 +248,10 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, d
     buffer plus one chunk's intermediates. Chunked and unchunked results agree up to summation order.
 
     Args:
-        student_logits: (B, T, Vs) student logits (any dtype; upcast to fp32 chunk by chunk).
-        teacher_logits: (B, T, Vt) teacher logits; detached here.
-        labels: (B, T) target token ids; ``ignore_index`` masks a position out of the loss and the stats.
+        student_logits: (B, T, Vs) student logits (any dtype; upcast to fp32 chunk by chunk), or (N, Vs) rows
+            already gathered at the labelled positions (``models.forward.labelled_logits``).
+        teacher_logits: (B, T, Vt) or (N, Vt) teacher logits, like ``student_logits``; detached here.
+        labels: (B, T) or (N,) target token ids; ``ignore_index`` masks a position out of the loss and the stats.
         divergence: one of ``DIVERGENCES`` (see ``token_divergence``).
         temperature: T > 0 dividing both logits in the divergence.
         alpha: weight in [0, 1] of the cross-entropy; ``1 − alpha`` weighs the divergence.
@@ -265,13 +266,13 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, d
         The scalar fp32 loss (0, still attached to the graph, when every token is masked) and ``KDStats``.
 
     Raises:
-        ValueError: for an invalid argument (named in the message) or mismatched (B, T) shapes.
+        ValueError: for an invalid argument (named in the message) or mismatched leading shapes.
     """
     check_kd_args(divergence, temperature, beta, alpha, reduction, chunk_size)
     if not student_logits.shape[:-1] == teacher_logits.shape[:-1] == labels.shape:
         raise ValueError(f"student_logits {tuple(student_logits.shape)}, teacher_logits "
                          f"{tuple(teacher_logits.shape)} and labels {tuple(labels.shape)} must share the leading "
-                         "(B, T) shape")
+                         "(B, T) or (N,) shape")
     student_logits, teacher_logits = align_vocab(student_logits, teacher_logits.detach(), vocab_size)
     dtype = compute_dtype(student_logits, teacher_logits)
 
