@@ -180,7 +180,7 @@ class SQuADPreferenceDataModule(SQuADDataModule):
         """
         super().__init__(source, tokenizer, prompt_template, chat_template, system, max_length, truncation,
                          batch_size, eval_batch_size, hub_name, validation_fraction, embedded_examples, max_examples,
-                         num_workers, seed)
+                         num_workers=num_workers, seed=seed)
         unknown = [name for name in corruptions if name not in CORRUPTIONS]
         if unknown or not corruptions:
             raise ValueError(f"corruptions must be a non-empty list of {sorted(CORRUPTIONS)}, got {list(corruptions)}")

@@ -15,6 +15,7 @@ from lit_distill.data.chat import format_prompt
 from lit_distill.data.collate import (EncodingError, SkipLog, TooLongError, Truncation, collate_sft,
                                       encode_pair, holdout)
 from lit_distill.data.io import DataFileError
+from lit_distill.data.packing import PackedDataset, best_fit_decreasing, collate_packed, packing_summary
 from lit_distill.models.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ class SQuADDataModule(EncodedDataModule):
                  system: Optional[str] = None, max_length: int = 256, truncation: Truncation = "left_prompt",
                  batch_size: int = 8, eval_batch_size: Optional[int] = None, hub_name: str = "squad",
                  validation_fraction: float = 0.05, embedded_examples: int = 2000,
-                 max_examples: Optional[dict[str, int]] = None, num_workers: int = 0, seed: int = 0):
+                 max_examples: Optional[dict[str, int]] = None, packing: bool = False, num_workers: int = 0,
+                 seed: int = 0):
         """
         Args:
             tokenizer: tokenizer name or path, loaded with ``load_tokenizer``.
@@ -123,6 +125,9 @@ class SQuADDataModule(EncodedDataModule):
             embedded_examples: training examples generated for ``source="embedded"`` (validation and test get
                 a tenth each).
             max_examples: optional cap per split, e.g. ``{"validation": 64}``, for quick runs.
+            packing: pack the training examples into rows of up to ``max_length`` tokens by best-fit decreasing
+                (``data.packing``): batches then also carry ``position_ids``, and no padding between examples is
+                computed. Evaluation stays unpacked (its prompts are generated from row by row).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -200,9 +205,17 @@ class SQuADDataModule(EncodedDataModule):
                                self.hparams.max_length, self.hparams.truncation)
             return {**pair, "id": example.id, "answers": list(example.answers)}
 
-        return self.encode_all(split, self.examples(split), encode)
+        encoded = self.encode_all(split, self.examples(split), encode)
+        if split != "train" or not self.hparams.packing:
+            return encoded
+        lengths = [len(example["input_ids"]) for example in encoded]
+        bins = best_fit_decreasing(lengths, self.hparams.max_length)
+        log.info(packing_summary(lengths, bins, self.hparams.max_length, self.hparams.batch_size))
+        return PackedDataset(encoded, bins)
 
     def collate_fn(self, split: str) -> Callable[[list[dict]], dict]:
+        if split == "train" and self.hparams.packing:
+            return partial(collate_packed, pad_token_id=self.tokenizer.pad_token_id)
         if split == "train":
             return partial(collate_sft, pad_token_id=self.tokenizer.pad_token_id)
         return partial(collate_sft, pad_token_id=self.tokenizer.pad_token_id, with_prompts=True,

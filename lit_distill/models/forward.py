@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from lit_distill.data.collate import IGNORE_INDEX
 from lit_distill.losses.logprobs import token_logprobs
-from lit_distill.models.heads import final_hidden_states
-from lit_distill.rollout.sampling import position_ids_from_mask
+from lit_distill.models.heads import attention_inputs, final_hidden_states
 
 # Config fields with which an HF model changes its output head's result before returning it as logits (Gemma 2/3
 # soft-capping, Cohere's scale, Granite's divisor, Falcon-H1's multiplier). A model that sets one is scored through
@@ -18,14 +17,15 @@ from lit_distill.rollout.sampling import position_ids_from_mask
 LOGIT_POSTPROCESSING_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
 
 
-def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits (B, T, V) with position ids derived from the mask, so left padding is handled.
+def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Logits (B, T, V) with position ids derived from the mask, so left padding is handled, or the given
+    ``position_ids`` of packed rows (see ``models.heads.attention_inputs``).
 
     ``use_cache=False``: a training or scoring pass reads no KV cache afterwards, and HF models would otherwise fill
     a fresh ``DynamicCache`` (Python work per layer, and every layer's keys and values kept alive with the output).
     """
-    return model(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    return model(input_ids=input_ids, **attention_inputs(attention_mask, position_ids), use_cache=False).logits
 
 
 def head_output_is_logits(model: nn.Module) -> bool:
@@ -51,7 +51,7 @@ class LabelledLogits(NamedTuple):
 
 
 def labelled_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                    ignore_index: int = IGNORE_INDEX) -> LabelledLogits:
+                    ignore_index: int = IGNORE_INDEX, position_ids: Optional[torch.Tensor] = None) -> LabelledLogits:
     """The causal LM's logits only where they are scored: the output head runs on the N labelled positions.
 
     Prompt tokens and padding carry no label in SFT, DPO or a corrective answer, yet a full forward computes their
@@ -62,12 +62,14 @@ def labelled_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
     Args:
         labels: (B, T) HF-convention labels aligned with ``input_ids`` (shifted here), ``ignore_index`` masked.
+        position_ids: (B, T) per-example position ids of packed rows (``data.packing``), or None.
     """
     mask = labels[:, 1:] != ignore_index  # (B, T - 1)
     targets = labels[:, 1:][mask]  # (N,)
     if not head_output_is_logits(model):
-        return LabelledLogits(causal_lm_logits(model, input_ids, attention_mask)[:, :-1][mask], targets, mask)
-    hidden = final_hidden_states(model, input_ids, attention_mask)[:, :-1][mask]  # (N, H)
+        logits = causal_lm_logits(model, input_ids, attention_mask, position_ids)
+        return LabelledLogits(logits[:, :-1][mask], targets, mask)
+    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)[:, :-1][mask]  # (N, H)
     return LabelledLogits(model.get_output_embeddings()(hidden), targets, mask)
 
 

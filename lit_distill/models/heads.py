@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -10,12 +11,27 @@ from torch import nn
 from lit_distill.rollout import position_ids_from_mask
 
 
+def attention_inputs(attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> dict:
+    """The attention arguments of a training or scoring forward.
+
+    Without ``position_ids``: the (B, T) mask and position ids counted from it, so left padding is handled. With
+    ``position_ids`` (packed rows, several examples per row, the ids restarting at 0 for each): those ids and no
+    mask, from which transformers (v5 ``create_causal_mask``) builds a block-diagonal causal mask for sdpa, eager
+    and flex attention, or varlen offsets for flash attention, so no token attends across examples. Padding at a
+    packed row's end is attended by nothing real (causal), so dropping the mask is exact there too.
+    """
+    if position_ids is None:
+        return {"attention_mask": attention_mask, "position_ids": position_ids_from_mask(attention_mask)}
+    return {"attention_mask": None, "position_ids": position_ids}
+
+
 class _HeadReached(Exception):
     """Raised by the capturing hook once the output head's input is captured, to end the forward there."""
 
 
 def _forward_capturing_head_input(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                                  stop_at_head: bool, **kwargs) -> tuple[object, torch.Tensor]:
+                                  stop_at_head: bool, position_ids: Optional[torch.Tensor] = None,
+                                  **kwargs) -> tuple[object, torch.Tensor]:
     """The model's output (None when stopped at the head) and the hidden states entering its output head."""
     captured = []
 
@@ -27,8 +43,8 @@ def _forward_capturing_head_input(model: nn.Module, input_ids: torch.Tensor, att
     output = None
     handle = model.get_output_embeddings().register_forward_pre_hook(capture)
     try:
-        output = model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs)
+        output = model(input_ids=input_ids, **attention_inputs(attention_mask, position_ids), use_cache=False,
+                       **kwargs)
     except _HeadReached:
         pass
     finally:
@@ -51,15 +67,18 @@ def forward_with_hidden_states(model: nn.Module, input_ids: torch.Tensor, attent
     return _forward_capturing_head_input(model, input_ids, attention_mask, stop_at_head=False, **kwargs)
 
 
-def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, H) hidden states entering the model's output head, without running the head.
+def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, T, H) hidden states entering the model's output head, without running the head (``position_ids``: packed
+    rows, see ``attention_inputs``).
 
     A reward model needs no (B, T, V) logits: computing them would be a wasted matmul (a few percent of the forward
     at a 1k vocabulary, about a third of it at SmolLM2's 49k) and a logits-sized activation. The same pre-hook as
     ``forward_with_hidden_states`` captures the head's input and then stops the forward; the head is the last layer
     of a causal LM, so nothing else is skipped.
     """
-    return _forward_capturing_head_input(model, input_ids, attention_mask, stop_at_head=True)[1]
+    return _forward_capturing_head_input(model, input_ids, attention_mask, stop_at_head=True,
+                                         position_ids=position_ids)[1]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,8 @@ class DistillModule(CausalLMModule):
         Both models run their output head on the N labelled positions only (``labelled_logits``): prompt, padding
         and last-position logits are never computed, nor copied out of a (B, T, V) tensor by the loss."""
         hp = self.hparams
-        student = labelled_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        student = labelled_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                  position_ids=batch.get("position_ids"))
         loss_args = dict(divergence=hp.divergence, temperature=hp.temperature, alpha=alpha, beta=hp.beta,
                          chunk_size=hp.chunk_size, reduction=reduction, vocab_size=len(self.tokenizer))
         if self.logit_cache is not None:
@@ -135,7 +136,7 @@ class DistillModule(CausalLMModule):
             return student, cached.label_logprob if with_teacher_label_logprobs else None, loss, stats
         with torch.no_grad():
             teacher_logits = labelled_logits(self.teacher, batch["input_ids"], batch["attention_mask"],
-                                             batch["labels"]).logits  # (N, V)
+                                             batch["labels"], position_ids=batch.get("position_ids")).logits  # (N, V)
         loss, stats = kd_loss(student.logits, teacher_logits, student.targets, **loss_args)
         teacher_label_logprobs = (token_logprobs(teacher_logits, student.targets) if with_teacher_label_logprobs
                                   else None)
@@ -146,6 +147,9 @@ class DistillModule(CausalLMModule):
         # Seeded by the step, so every rank makes the same choice and a resumed run makes the same choices.
         on_policy = random.Random(f"{hp.seed}-{self.global_step}-{batch_idx}").random() < hp.on_policy_fraction
         if on_policy:
+            if "position_ids" in batch:
+                raise ValueError("on_policy_fraction > 0 needs one prompt per row, but the data is packed (several "
+                                 "examples per row); set packing: false in the data config")
             batch = self.student_completions(batch)
         _, _, loss_sum, stats = self.distill_loss(batch, alpha=0.0 if on_policy else hp.alpha)
         num_tokens = stats.num_tokens.clamp(min=1)

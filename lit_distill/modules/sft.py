@@ -42,7 +42,8 @@ class SFTModule(CausalLMModule):
 
     def scored(self, batch: dict) -> LabelledLogits:
         """Logits at the labelled positions only (prompt and padding tokens never reach the LM head)."""
-        return labelled_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return labelled_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                               position_ids=batch.get("position_ids"))
 
     def training_step(self, batch, batch_idx):
         loss_sum, num_tokens = token_cross_entropy(self.scored(batch))

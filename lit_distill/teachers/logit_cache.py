@@ -253,7 +253,8 @@ def teacher_topk(teacher: torch.nn.Module, batch: dict, top_k: int, temperature:
                  vocab_size: int) -> dict[str, Tensor]:
     """The cached values of one collated batch: its loss positions' top-k, tail and label log-probs, rows in
     batch order (N = number of loss positions in the batch), and the number of positions of each example."""
-    logits = causal_lm_logits(teacher, batch["input_ids"], batch["attention_mask"])[:, :-1]  # (B, T-1, V')
+    logits = causal_lm_logits(teacher, batch["input_ids"], batch["attention_mask"],
+                              batch.get("position_ids"))[:, :-1]  # (B, T-1, V'); packed rows keep their position ids
     positions = loss_positions(batch)
     # Embedding-padding logits (V' > V) are dropped, as the live loss drops them (align_vocab).
     rows, labels = logits[positions][:, :vocab_size], batch["labels"][:, 1:][positions]  # (N, V), (N,)
