@@ -92,3 +92,15 @@ def test_squad_packing_keeps_every_labelled_token_in_fewer_rows():
     batch = next(iter(packed.train_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "labels", "position_ids"}
     assert len(packed.datasets["validation"]) == len(unpacked.datasets["validation"])  # evaluation stays unpacked
+
+
+def test_a_model_that_ignores_packed_position_ids_is_refused():
+    from lit_distill.models.loading import ModelSpec, build_model
+
+    pico = build_model(ModelSpec(config={"model_type": "pico_transformer", "hidden_size": 32, "num_hidden_layers": 2,
+                                         "num_attention_heads": 4, "vocab_size": VOCAB}))
+    examples = ragged_examples(count=3)
+    packed = collate_packed([PackedDataset(examples, [[0, 1, 2]])[0]], pad_token_id=0)
+    with pytest.raises(ValueError, match="PicoTransformer.*would attend across the packed examples"):
+        token_losses(pico, packed)
+    token_losses(pico, collate_sft(examples, pad_token_id=0))  # unpacked batches are fine

@@ -11,6 +11,27 @@ from torch import nn
 from lit_distill.rollout import position_ids_from_mask
 
 
+# Attention implementations for which transformers' own models mask packed rows from their position ids.
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def check_packing_support(model: nn.Module) -> None:
+    """Raise unless ``model`` keeps packed examples apart given only their position ids (``attention_inputs``):
+    transformers' own model classes do, with an attention in :data:`PACKED_ATTENTION`; any other model (the pico
+    models, custom code) would let every token attend across examples, silently.
+
+    Raises:
+        ValueError: naming the model class and its attention implementation.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    attention = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    if not type(base).__module__.startswith("transformers.models.") or attention not in PACKED_ATTENTION:
+        raise ValueError(f"packed batches need one of transformers' own models with attention in "
+                         f"{PACKED_ATTENTION}, which mask attention by the per-example position ids; "
+                         f"{type(base).__name__} (attention {attention!r}) would attend across the packed examples. "
+                         "Set packing: false in the data config")
+
+
 def attention_inputs(attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> dict:
     """The attention arguments of a training or scoring forward.
 
@@ -34,6 +55,8 @@ def _forward_capturing_head_input(model: nn.Module, input_ids: torch.Tensor, att
                                   **kwargs) -> tuple[object, torch.Tensor]:
     """The model's output (None when stopped at the head) and the hidden states entering its output head."""
     captured = []
+    if position_ids is not None:
+        check_packing_support(model)
 
     def capture(module, args):
         captured.append(args[0])
