@@ -104,3 +104,24 @@ def test_a_model_that_ignores_packed_position_ids_is_refused():
     with pytest.raises(ValueError, match="PicoTransformer.*would attend across the packed examples"):
         token_losses(pico, packed)
     token_losses(pico, collate_sft(examples, pad_token_id=0))  # unpacked batches are fine
+
+
+def test_distillation_on_packed_rows_equals_unpacked(llama_dir):
+    """Student and teacher both honour the packed position ids: the KD loss and its stats do not change."""
+    from lit_distill.models.loading import ModelSpec
+    from lit_distill.modules import DistillModule
+
+    torch.manual_seed(0)
+    student = ModelSpec(tokenizer="lit-distill/tokenizer",
+                        config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2})
+    module = DistillModule(student=student, teacher=ModelSpec(name_or_path=llama_dir), alpha=0.3, temperature=2.0)
+    examples = ragged_examples()
+    bins = best_fit_decreasing([len(example["input_ids"]) for example in examples], capacity=24)
+    packed = collate_packed([PackedDataset(examples, bins)[row] for row in range(len(bins))], pad_token_id=0)
+    with torch.no_grad():
+        _, _, packed_loss, packed_stats = module.distill_loss(packed, alpha=0.3)
+        _, _, unpacked_loss, unpacked_stats = module.distill_loss(collate_sft(examples, pad_token_id=0), alpha=0.3)
+    assert packed_stats.num_tokens == unpacked_stats.num_tokens
+    assert_close(packed_loss, unpacked_loss, rtol=1e-5, atol=1e-5)
+    assert_close(packed_stats.divergence, unpacked_stats.divergence, rtol=1e-5, atol=1e-6)
