@@ -9,7 +9,7 @@ from torch import nn
 
 from lit_distill.data.collate import IGNORE_INDEX
 from lit_distill.losses.logprobs import token_logprobs
-from lit_distill.models.heads import attention_inputs, check_packing_support, final_hidden_states
+from lit_distill.models.heads import attention_inputs, final_hidden_states
 
 # Config fields with which an HF model changes its output head's result before returning it as logits (Gemma 2/3
 # soft-capping, Cohere's scale, Granite's divisor, Falcon-H1's multiplier). A model that sets one is scored through
@@ -25,9 +25,7 @@ def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     ``use_cache=False``: a training or scoring pass reads no KV cache afterwards, and HF models would otherwise fill
     a fresh ``DynamicCache`` (Python work per layer, and every layer's keys and values kept alive with the output).
     """
-    if position_ids is not None:
-        check_packing_support(model)
-    return model(input_ids=input_ids, **attention_inputs(attention_mask, position_ids), use_cache=False).logits
+    return model(input_ids=input_ids, **attention_inputs(model, attention_mask, position_ids), use_cache=False).logits
 
 
 def head_output_is_logits(model: nn.Module) -> bool:

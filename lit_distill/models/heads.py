@@ -32,7 +32,8 @@ def check_packing_support(model: nn.Module) -> None:
                          "Set packing: false in the data config")
 
 
-def attention_inputs(attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> dict:
+def attention_inputs(model: nn.Module, attention_mask: torch.Tensor,
+                     position_ids: Optional[torch.Tensor] = None) -> dict:
     """The attention arguments of a training or scoring forward.
 
     Without ``position_ids``: the (B, T) mask and position ids counted from it, so left padding is handled. With
@@ -40,9 +41,13 @@ def attention_inputs(attention_mask: torch.Tensor, position_ids: Optional[torch.
     mask, from which transformers (v5 ``create_causal_mask``) builds a block-diagonal causal mask for sdpa, eager
     and flex attention, or varlen offsets for flash attention, so no token attends across examples. Padding at a
     packed row's end is attended by nothing real (causal), so dropping the mask is exact there too.
+
+    Raises:
+        ValueError: ``position_ids`` are given to a model that would not honour them (``check_packing_support``).
     """
     if position_ids is None:
         return {"attention_mask": attention_mask, "position_ids": position_ids_from_mask(attention_mask)}
+    check_packing_support(model)
     return {"attention_mask": None, "position_ids": position_ids}
 
 
@@ -55,8 +60,6 @@ def _forward_capturing_head_input(model: nn.Module, input_ids: torch.Tensor, att
                                   **kwargs) -> tuple[object, torch.Tensor]:
     """The model's output (None when stopped at the head) and the hidden states entering its output head."""
     captured = []
-    if position_ids is not None:
-        check_packing_support(model)
 
     def capture(module, args):
         captured.append(args[0])
@@ -66,7 +69,7 @@ def _forward_capturing_head_input(model: nn.Module, input_ids: torch.Tensor, att
     output = None
     handle = model.get_output_embeddings().register_forward_pre_hook(capture)
     try:
-        output = model(input_ids=input_ids, **attention_inputs(attention_mask, position_ids), use_cache=False,
+        output = model(input_ids=input_ids, **attention_inputs(model, attention_mask, position_ids), use_cache=False,
                        **kwargs)
     except _HeadReached:
         pass
