@@ -9,17 +9,17 @@ padded and packed (A B A B), and each round times ``--steps`` steps after an unt
 import argparse
 import logging
 import time
+from pathlib import Path
 
 import torch
+import yaml
 
 from lit_distill.data.squad import SQuADDataModule
 from lit_distill.models.loading import ModelSpec
 from lit_distill.modules import SFTModule
 from lit_distill.modules.sft import token_cross_entropy
 
-QUICKSTART_MODEL = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
-                    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512,
-                    "tie_word_embeddings": True}
+SFT_QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "sft" / "quickstart.yaml"
 
 
 def examples_in(batch: dict) -> int:
@@ -52,7 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the packing summary line
     torch.manual_seed(0)
-    module = SFTModule(model=ModelSpec(tokenizer="lit-distill/tokenizer", config=QUICKSTART_MODEL))
+    model = yaml.safe_load(SFT_QUICKSTART.read_text())["model"]["init_args"]["model"]
+    module = SFTModule(model=ModelSpec(tokenizer=model["tokenizer"], config=model["config"]))
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
     batches = {}
     for packing in (False, True):

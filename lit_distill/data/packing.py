@@ -90,11 +90,11 @@ def collate_packed(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
 
 def packing_summary(lengths: Sequence[int], bins: list[list[int]], capacity: int, batch_size: int) -> str:
     """One line on what packing saved: token slots of padded batches (in dataset order) against packed rows."""
-    padded = sum(batch_size * max(lengths[start:start + batch_size])
-                 for start in range(0, len(lengths), batch_size))
-    packed_rows = [sum(lengths[index] for index in row) for row in bins]
-    packed = sum(batch_size * max(packed_rows[start:start + batch_size])
-                 for start in range(0, len(packed_rows), batch_size))
+    def token_slots(row_lengths: Sequence[int]) -> int:  # batches padded to their longest row
+        return sum(batch_size * max(row_lengths[start:start + batch_size])
+                   for start in range(0, len(row_lengths), batch_size))
+
+    padded, packed = token_slots(lengths), token_slots([sum(lengths[index] for index in row) for row in bins])
     real = sum(lengths)
     return (f"packed {len(lengths)} examples ({real:,} tokens) into {len(bins)} rows of at most {capacity}: "
             f"{packed:,} token slots in batches of {batch_size} ({real / max(packed, 1):.0%} real), against "

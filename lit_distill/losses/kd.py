@@ -193,7 +193,8 @@ class ChunkedKD(torch.autograd.Function):
     gradient computed during the forward pass.
 
     ``teacher`` is a tuple of tensors indexed like ``labels`` in their leading dims ((B, T), or (N,) for rows
-    already gathered): the teacher's logits (..., V) for the full-vocabulary loss, or its cached top-k ids, log-probs and tail (``topk_kd_loss``).
+    already gathered): the teacher's logits (..., V) for the full-vocabulary loss, or its cached top-k ids,
+    log-probs and tail (``topk_kd_loss``).
     ``chunk_sums(student (n, V), teacher rows, labels (n,))`` returns the chunk's (CE sum, divergence sum).
 
     The loss is a sum of per-position terms, so the gradient of a position's logits depends on that position only.
