@@ -97,8 +97,14 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str
     Raises:
         EncodingError: see :func:`fit_prompt`.
     """
-    completion_ids = tokenize_completion(tokenizer, completion)
-    prompt_ids = fit_prompt(tokenize(tokenizer, prompt), len(completion_ids), max_length, truncation)
+    return encode_pair_ids(tokenize(tokenizer, prompt), tokenize_completion(tokenizer, completion), max_length,
+                           truncation)
+
+
+def encode_pair_ids(prompt_ids: list[int], completion_ids: list[int], max_length: int,
+                    truncation: Truncation = "left_prompt") -> dict[str, list[int]]:
+    """:func:`encode_pair` of already tokenised parts (``completion_ids`` with its end token)."""
+    prompt_ids = fit_prompt(prompt_ids, len(completion_ids), max_length, truncation)
     return {**join(prompt_ids, completion_ids), "prompt_ids": prompt_ids}
 
 
@@ -113,9 +119,14 @@ def encode_preference(tokenizer: PreTrainedTokenizerBase, prompt: str, chosen: s
     Raises:
         EncodingError: see :func:`fit_prompt`.
     """
-    chosen_ids, rejected_ids = tokenize_completion(tokenizer, chosen), tokenize_completion(tokenizer, rejected)
-    prompt_ids = fit_prompt(tokenize(tokenizer, prompt), max(len(chosen_ids), len(rejected_ids)), max_length,
-                            truncation)
+    return encode_preference_ids(tokenize(tokenizer, prompt), tokenize_completion(tokenizer, chosen),
+                                 tokenize_completion(tokenizer, rejected), max_length, truncation)
+
+
+def encode_preference_ids(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int,
+                          truncation: Truncation = "left_prompt") -> dict[str, list[int]]:
+    """:func:`encode_preference` of already tokenised parts (completions with their end tokens)."""
+    prompt_ids = fit_prompt(prompt_ids, max(len(chosen_ids), len(rejected_ids)), max_length, truncation)
     chosen_pair, rejected_pair = join(prompt_ids, chosen_ids), join(prompt_ids, rejected_ids)
     return {"chosen_input_ids": chosen_pair["input_ids"], "chosen_labels": chosen_pair["labels"],
             "rejected_input_ids": rejected_pair["input_ids"], "rejected_labels": rejected_pair["labels"],
