@@ -101,6 +101,8 @@ class CacheTeacherCLI(LitDistillCLI):
         data_only = self.config.clone()
         data_only.model = None
         datamodule = self.parser.instantiate(data_only).data
+        if getattr(datamodule, "task", "sft") is None:  # an HFDataModule serves what the DistillModule trains on
+            datamodule.task = DistillModule.data_task
         device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         start = time.perf_counter()
         tokenizer = load_tokenizer(init.student.tokenizer or init.student.name_or_path)

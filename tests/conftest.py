@@ -1,7 +1,10 @@
 """Shared fixtures: tiny models saved to local directories, so hub code paths run offline."""
 
 import os
+import tempfile
 
+# Encoded datasets go to a scratch cache, not the user's (every session starts from an empty one).
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="lit_distill_datasets_"))
 # Nothing in the test suite may reach the network or a tracking server.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -288,8 +288,14 @@ class CurriculumDataModule(L.LightningDataModule):
         self.velocity.copy_(velocity)
 
     # ---- data ---------------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        for module in self.modules.values():
+            module.trainer = self.trainer  # members see the trained module, as the top-level DataModule does
+            module.prepare_data()
+
     def setup(self, stage: Optional[str] = None) -> None:
         for module in self.modules.values():
+            module.trainer = self.trainer
             module.setup(stage)
 
     def _split(self, split: str) -> tuple[MixtureDataset, MixtureCollate]:

@@ -53,6 +53,7 @@ def answer_comparator(similarity: str, semantic_model: Optional[str]) -> Reward:
 
 
 class AgentModule(CausalLMModule):
+    data_task = "questions"  # what an HFDataModule serves this module
     frozen_modules = ("comparator",)
 
     def __init__(self, student: ModelSpec, teacher: Teacher, teacher_cache: Optional[str] = None,

@@ -32,6 +32,7 @@ from lit_distill.teachers.logit_cache import (CachedTeacherOutputs, LogitCache, 
 
 
 class DistillModule(CausalLMModule):
+    data_task = "sft"  # what an HFDataModule serves this module
     frozen_modules = ("teacher",)
 
     def __init__(self, student: ModelSpec, teacher: Optional[ModelSpec] = None, divergence: str = "forward_kl",

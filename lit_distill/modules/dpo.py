@@ -32,6 +32,7 @@ def pair_key(batch: dict, row: int) -> bytes:
 
 
 class DPOModule(CausalLMModule):
+    data_task = "preference"  # what an HFDataModule serves this module
     frozen_modules = ("reference",)
 
     def __init__(self, policy: ModelSpec, reference: Optional[ModelSpec] = None, beta: float = 0.1,

@@ -20,6 +20,8 @@ from lit_distill.optim import SchedulerCallable
 
 
 class RewardModule(CausalLMModule):
+    data_task = "preference"  # what an HFDataModule serves this module
+
     def __init__(self, model: ModelSpec, center_coefficient: float = 0.0,
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
                  save_dir: Optional[str] = None, merge_lora: bool = False):

@@ -76,6 +76,8 @@ def completion_forward(model: nn.Module, sequences: Tensor, attention_mask: Tens
 class OnlineRLModule(CausalLMModule):
     """Base of ``PPOModule`` and ``GRPOModule``: subclasses implement ``training_step`` with the helpers below."""
 
+    data_task = "prompts"  # what an HFDataModule serves this module
+
     frozen_modules = ("reference", "rewards")
 
     def __init__(self, policy: ModelSpec, rewards: Sequence[Reward], reward_weights: Optional[list[float]] = None,

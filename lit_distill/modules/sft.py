@@ -24,6 +24,8 @@ def token_cross_entropy(scored: LabelledLogits) -> tuple[torch.Tensor, torch.Ten
 class SFTModule(CausalLMModule):
     """Cross-entropy training of one causal LM (pre-training on packed text or SFT on masked labels)."""
 
+    data_task = "sft"  # what an HFDataModule serves this module
+
     def __init__(self, model: ModelSpec, eval_max_new_tokens: int = 16,
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
                  save_dir: Optional[str] = None, merge_lora: bool = False):

