@@ -271,3 +271,59 @@ def test_over_long_prompts_are_truncated_skipped_or_refused_as_asked(tmp_path, c
     assert "skipped 4 of 38" in caplog.text and len(skipped.datasets["train"]) == 34
     with pytest.raises(DataFileError, match=r"prompts.jsonl' split 'train' row 10: the prompt has \d+ tokens, more than max_length=64"):
         module(path, task="prompts", max_length=64, overlong="error")
+
+
+# ---- streaming ------------------------------------------------------------------------------------------------
+
+def streamed(path, **kwargs) -> HFDataModule:
+    return module(path, streaming=True, shuffle_buffer=0, max_examples={"validation": 3}, **kwargs)
+
+
+def test_a_stream_encodes_the_rows_a_loaded_dataset_does(examples):
+    loaded, stream = module(examples / "messages.jsonl"), streamed(examples / "messages.jsonl")
+    assert [row["labels"] for row in stream.datasets["train"]] == loaded.datasets["train"]["labels"]
+    assert [row["labels"] for row in stream.datasets["validation"]] == loaded.datasets["validation"]["labels"]
+
+
+def test_a_stream_is_sharded_across_ranks(examples):
+    data = streamed(examples / "prompt_completion.jsonl")
+    seen = []
+    for rank in (0, 1):
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank, current_epoch=0, lightning_module=None,
+                                       fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(
+                                           current=SimpleNamespace(processed=0)))))
+        seen.append([tuple(ids) for batch in data.train_dataloader() for ids in batch["input_ids"].tolist()])
+    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) + len(seen[1]) == 57
+
+
+def test_training_resumed_from_a_mid_epoch_checkpoint_sees_the_same_stream(examples, tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from lit_distill.models.loading import ModelSpec
+    from lit_distill.modules import SFTModule
+
+    class Losses(Callback):
+        def __init__(self):
+            self.values = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.values[trainer.global_step] = float(outputs["loss"])
+
+    def run(max_steps: int, ckpt_path=None) -> dict:
+        L.seed_everything(0)
+        model = SFTModule(ModelSpec(tokenizer="lit-distill/tokenizer", config={
+            "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}))
+        data = HFDataModule(str(examples / "messages.jsonl"), chat_template="default", max_length=128, batch_size=4,
+                            streaming=True, shuffle_buffer=0, max_examples={"validation": 3})
+        losses = Losses()
+        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                            callbacks=[losses, ModelCheckpoint(tmp_path, every_n_train_steps=2, save_top_k=-1)])
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        return losses.values
+
+    uninterrupted = run(5)
+    resumed = run(5, ckpt_path=str(next(tmp_path.glob("*step=2.ckpt"))))
+    assert list(resumed) == [3, 4, 5] and all(resumed[step] == uninterrupted[step] for step in resumed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import logging
 from functools import partial
+from collections.abc import Sized
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,6 +23,7 @@ from lit_distill.data.formats import (FORMAT_COLUMNS, OUTPUT_COLUMNS, RESERVED_C
 from lit_distill.data.io import DataFileError, read_numbered_jsonl
 from lit_distill.data.packing import PackedDataset, best_fit_decreasing, collate_packed, packing_summary
 from lit_distill.data.prompts import collate_prompts
+from lit_distill.data.streaming import StreamingLoader
 from lit_distill.models.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,8 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "c
 
 
 def load_source(path: str, name: Optional[str] = None, data_files=None, revision: Optional[str] = None,
-                cache_dir: Optional[str] = None):
-    """Every split of ``path`` as a ``datasets.DatasetDict``.
+                cache_dir: Optional[str] = None, streaming: bool = False):
+    """Every split of ``path`` as a ``datasets.DatasetDict`` (``IterableDatasetDict`` when ``streaming``).
 
     ``path`` is a local ``.json/.jsonl/.parquet/.csv/.arrow`` file or a glob of such files (one ``train`` split), a
     directory written by ``save_to_disk``, a directory of data files (``datasets`` infers the splits from the file
@@ -55,16 +57,20 @@ def load_source(path: str, name: Optional[str] = None, data_files=None, revision
                                 f"{sorted(suffixes)}")
         builder = BUILDERS[suffixes.pop()]
         try:
-            return datasets.load_dataset(builder, data_files={"train": files}, cache_dir=cache_dir)
+            return datasets.load_dataset(builder, data_files={"train": files}, cache_dir=cache_dir,
+                                         streaming=streaming)
         except datasets.exceptions.DatasetGenerationError as err:
             raise _file_error(files, builder, err) from None
     if local.is_dir() and ((local / "dataset_dict.json").exists() or (local / "state.json").exists()):
         loaded = datasets.load_from_disk(str(local))
-        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+        loaded = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+        return datasets.IterableDatasetDict({split: rows.to_iterable_dataset(num_shards=len(rows.cache_files) or 1)
+                                             for split, rows in loaded.items()}) if streaming else loaded
     if local.is_dir():
-        return datasets.load_dataset(str(local), data_files=data_files, cache_dir=cache_dir)
+        return datasets.load_dataset(str(local), data_files=data_files, cache_dir=cache_dir, streaming=streaming)
     try:
-        return datasets.load_dataset(path, name, data_files=data_files, revision=revision, cache_dir=cache_dir)
+        return datasets.load_dataset(path, name, data_files=data_files, revision=revision, cache_dir=cache_dir,
+                                     streaming=streaming)
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
         raise FileNotFoundError(f"path '{path}' is neither a local file, glob or directory nor a dataset the hub "
                                 f"serves here ({type(err).__name__}: {err})") from None
@@ -107,7 +113,8 @@ class HFDataModule(EncodedDataModule):
                  completion_only_loss: bool = True, packing: bool = False,
                  max_examples: Optional[dict[str, int]] = None, batch_size: int = 8,
                  eval_batch_size: Optional[int] = None, num_workers: int = 0, num_proc: Optional[int] = None,
-                 cache_dir: Optional[str] = None, seed: int = 0):
+                 cache_dir: Optional[str] = None, streaming: bool = False, shuffle_buffer: int = 10_000,
+                 seed: int = 0):
         """
         Args:
             path: a hub id, a local ``.json/.jsonl/.parquet/.csv/.arrow`` file or glob, a ``save_to_disk``
@@ -129,6 +136,11 @@ class HFDataModule(EncodedDataModule):
             max_examples: optional cap per split on the rows read, e.g. ``{"train": 1000, "validation": 64}``.
             num_proc: processes for tokenising (``datasets.map``).
             cache_dir: where ``datasets`` keeps loaded and encoded Arrow files (default: its own cache).
+            streaming: stream the source instead of loading it (corpora larger than memory or disk): rows are
+                encoded as they are read, sharded across ranks and DataLoader workers, shuffled in a buffer of
+                ``shuffle_buffer`` rows, and the position is saved in checkpoints (see ``data.streaming``).
+                Without a validation split, the first ``max_examples["validation"]`` rows are held out. Skipped
+                and truncated rows are not counted, and packing is not available.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -140,6 +152,10 @@ class HFDataModule(EncodedDataModule):
             raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
         if packing and task not in (None, "sft"):
             raise ValueError(f"packing applies to the sft task only, got task '{task}'")
+        if packing and streaming:
+            raise ValueError("packing needs every example's length up front: it cannot be combined with streaming")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.tokenizer = load_tokenizer(tokenizer)
         self.task = task
         self.formats: dict[str, str] = {}  # split -> the format detected (or forced) for it
@@ -170,9 +186,9 @@ class HFDataModule(EncodedDataModule):
         """The source's splits (columns renamed), loaded once."""
         if self._source is None:
             hp = self.hparams
-            source = load_source(hp.path, hp.name, hp.data_files, hp.revision, hp.cache_dir)
+            source = load_source(hp.path, hp.name, hp.data_files, hp.revision, hp.cache_dir, hp.streaming)
             if hp.rename_columns:
-                columns = next(iter(source.values())).column_names
+                columns = _columns(next(iter(source.values())))
                 missing = sorted(set(hp.rename_columns) - set(columns))
                 if missing:
                     raise ValueError(f"rename_columns names {missing}, not columns of '{hp.path}' ({columns})")
@@ -196,11 +212,19 @@ class HFDataModule(EncodedDataModule):
         else:
             name = hp.split
         rows = self._named_split(name, {"train": "split"}.get(split, f"{split}_split"))
+        cap = (hp.max_examples or {}).get(split)
+        if hp.streaming:
+            if held_out and split != "test":
+                held = (hp.max_examples or {}).get("validation")
+                if held is None:
+                    raise ValueError(f"streamed '{hp.path}' has no validation split: give validation_split, or "
+                                     f"max_examples.validation (that many first rows are held out)")
+                rows, first_row = (rows.take(held), 0) if split == "validation" else (rows.skip(held), held)
+            return (rows.take(cap) if cap is not None else rows), name, first_row
         if held_out and split != "test":  # validation is the start of the training split, the same for any seed
             num_validation = int(len(rows) * hp.validation_fraction)
             first_row = 0 if split == "validation" else num_validation
             rows = rows.select(range(num_validation) if split == "validation" else range(num_validation, len(rows)))
-        cap = (hp.max_examples or {}).get(split)
         return (rows.select(range(min(cap, len(rows)))) if cap is not None else rows), name, first_row
 
     def _named_split(self, name: str, argument: str):
@@ -223,10 +247,11 @@ class HFDataModule(EncodedDataModule):
         rows, source_split, first_row = raw
         task = self.resolved_task()
         origin = f"'{hp.path}' split '{source_split}'"
-        data_format = self.formats[split] = detect_format(rows.column_names, task, hp.format, origin)
+        columns = _columns(rows)
+        data_format = self.formats[split] = detect_format(columns, task, hp.format, origin)
         if hp.packing and task != "sft":
             raise ValueError(f"packing applies to the sft task only, and this module's task is '{task}'")
-        kept = [] if task in ("sft", "preference") else [column for column in rows.column_names
+        kept = [] if task in ("sft", "preference") else [column for column in columns
                                                           if column not in OUTPUT_COLUMNS[task]]
         reserved = sorted(set(kept) & set(RESERVED_COLUMNS))
         if reserved:
@@ -234,11 +259,15 @@ class HFDataModule(EncodedDataModule):
         template = self.template() if _conversational(rows, data_format) else None
         encoder = Encoder(self.tokenizer, task, data_format, template, hp.max_length, hp.overlong,
                           hp.assistant_only_loss, hp.completion_only_loss, origin, first_row)
+        removed = [column for column in columns if column not in kept]
+        if hp.streaming:  # encoded lazily, as the rows stream in
+            return rows.map(encoder, batched=True, with_indices=True, remove_columns=removed).filter(
+                _usable, batched=True, input_columns=["skipped"]).remove_columns(["skipped", "truncated"])
         fingerprint = Hasher.hash([rows._fingerprint, encoder])
         cache = Path(hp.cache_dir or datasets.config.HF_DATASETS_CACHE) / "lit_distill" / f"encoded-{fingerprint}.arrow"
         cache.parent.mkdir(parents=True, exist_ok=True)
         encoded = rows.map(encoder, batched=True, with_indices=True, num_proc=hp.num_proc,
-                           remove_columns=[column for column in rows.column_names if column not in kept],
+                           remove_columns=removed,
                            new_fingerprint=fingerprint, cache_file_name=str(cache),
                            desc=f"tokenising the {split} split")
         self._report(encoded, origin, first_row)
@@ -261,8 +290,9 @@ class HFDataModule(EncodedDataModule):
 
     def prepare_data(self) -> None:
         # Local rank 0 encodes (and caches) every split before the other ranks' setup reads the cache.
-        for split in SPLITS:
-            self.encoded(split)
+        if not self.hparams.streaming:
+            for split in SPLITS:
+                self.encoded(split)
 
     def build_split(self, split: str):
         hp = self.hparams
@@ -276,6 +306,22 @@ class HFDataModule(EncodedDataModule):
         log.info(packing_summary(lengths, bins, hp.max_length, hp.batch_size))
         return PackedDataset(encoded, bins)
 
+    def train_dataloader(self):
+        if not self.hparams.streaming:
+            return super().train_dataloader()
+        from datasets.distributed import split_dataset_by_node
+
+        hp, trainer = self.hparams, self.trainer
+        stream = self.datasets["train"]
+        if hp.shuffle_buffer:
+            stream = stream.shuffle(seed=hp.seed, buffer_size=hp.shuffle_buffer)
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+        return StreamingLoader(
+            stream, batches_done=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer
+            else 0, epoch=lambda: trainer.current_epoch if trainer else 0, batch_size=hp.batch_size,
+            num_workers=hp.num_workers, collate_fn=self.collate_fn("train"))
+
     def collate_fn(self, split: str) -> Callable[[list[dict]], dict]:
         pad_token_id = self.tokenizer.pad_token_id
         task = self.resolved_task()
@@ -288,6 +334,22 @@ class HFDataModule(EncodedDataModule):
         return partial(collate_sft, pad_token_id=pad_token_id)
 
 
+def _first_row(rows) -> Optional[dict]:
+    if isinstance(rows, Sized):
+        return rows[0] if len(rows) else None
+    return next(iter(rows), None)
+
+
+def _columns(rows) -> list[str]:
+    """A split's column names; a stream of JSON lines knows them only from its first row."""
+    return rows.column_names or list(_first_row(rows) or {})
+
+
 def _conversational(rows, data_format: str) -> bool:
     """Whether the format's columns hold message lists (Arrow gives a column one type, so the first row tells)."""
-    return len(rows) > 0 and any(isinstance(rows[0][column], list) for column in FORMAT_COLUMNS[data_format])
+    first = _first_row(rows)
+    return first is not None and any(isinstance(first.get(column), list) for column in FORMAT_COLUMNS[data_format])
+
+
+def _usable(reasons: list[str]) -> list[bool]:
+    return [not reason for reason in reasons]
