@@ -19,14 +19,16 @@ def examples(tmp_path_factory):
     return directory
 
 
-def fit(config: str, data_file: Path, tmp_path: Path, *extra: str) -> dict[str, list[float]]:
-    """Two training steps and a validation pass of ``config`` on ``data_file``: the logged metrics by name."""
-    cli = LitDistillCLI(args=["fit", "--config", str(ROOT / config), *extra, "--data.init_args.path", str(data_file),
+def fit(config: str, data_file: Path, tmp_path: Path, *extra: str, overlay: Path = None) -> dict[str, list[float]]:
+    """Two training steps (or more, as ``extra`` arguments say) and a validation pass of ``config`` on ``data_file``:
+    the logged metrics by name. ``overlay`` is a second config composed over the first."""
+    overlays = ["--config", str(overlay)] if overlay else []
+    cli = LitDistillCLI(args=["fit", "--config", str(ROOT / config), *overlays, "--data.init_args.path", str(data_file),
                               "--data.init_args.batch_size", "4", "--trainer.max_steps", "2",
                               "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
                               "--trainer.logger.init_args.save_dir", str(tmp_path),
-                              "--model.init_args.save_dir", str(tmp_path / "model")])
-    assert cli.trainer.global_step == 2
+                              "--model.init_args.save_dir", str(tmp_path / "model"), *extra])
+    assert cli.trainer.global_step >= 2  # RL modules count each of a rollout's optimizer updates
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     return {name: [float(row[name]) for row in rows if row.get(name)] for name in rows[0]}
 
@@ -51,10 +53,27 @@ def test_reward_model_and_agent_loop_take_it_too(examples, tmp_path):
     reward.write_text("model:\n  init_args:\n    model: {name_or_path: lit-distill/tiny-teacher}\n"
                       "data:\n  class_path: lit_distill.data.HFDataModule\n  init_args: {max_length: 128}\n")
     metrics = fit("configs/reward/quickstart.yaml", examples / "preference.jsonl", tmp_path / "reward",
-                  "--config", str(reward))
+                  overlay=reward)
     assert metrics["val/accuracy"]
     agent = tmp_path / "agent.yaml"
     agent.write_text("data:\n  class_path: lit_distill.data.HFDataModule\n  init_args: {max_length: 128}\n")
     metrics = fit("configs/agent/quickstart.yaml", examples / "questions.jsonl", tmp_path / "agent",
-                  "--config", str(agent))
+                  overlay=agent)
     assert any(name.startswith("val/") for name, values in metrics.items() if values)
+
+
+def test_distillation_live_and_from_the_logit_cache_and_ppo_take_it(examples, tmp_path):
+    chat = tmp_path / "chat.yaml"
+    chat.write_text("data:\n  class_path: lit_distill.data.HFDataModule\n  init_args: {tokenizer: lit-distill/tiny-teacher,"
+                    " chat_template: default, max_length: 128}\n")
+    live = fit("configs/quickstart.yaml", examples / "messages.jsonl", tmp_path / "live", overlay=chat)
+    assert live["val/kd_divergence"]
+    cache = tmp_path / "cache"
+    cached = fit("configs/distill/cache_quickstart.yaml", examples / "messages.jsonl", tmp_path / "cached",
+                 "--model.init_args.logit_cache.path", str(cache), overlay=chat)
+    assert cached["val/kd_divergence"] and (cache / "cache.json").exists()
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("data:\n  class_path: lit_distill.data.HFDataModule\n  init_args: {max_length: 64}\n")
+    # PPO takes several optimizer steps per rollout batch: enough for two batches and the validation after them.
+    assert fit("configs/ppo/quickstart.yaml", examples / "prompt_only.jsonl", tmp_path / "ppo", "--trainer.max_steps",
+               "100", overlay=prompts)["val/reward_mean"]
