@@ -188,6 +188,27 @@ def test_encoding_is_cached_by_fingerprint(examples, monkeypatch):
         module(examples / "messages.jsonl", max_length=97)
 
 
+def test_another_process_reads_the_cache_as_ddp_ranks_and_later_runs_do(examples, tmp_path):
+    """What local rank 0's prepare_data encodes, a fresh process (another rank, the next run) reads without calling
+    the encoder: the fingerprint, tokenizer included, is the same across processes."""
+    import os
+    import subprocess
+    import sys
+
+    module(examples / "messages.jsonl", max_length=80, cache_dir=str(tmp_path))
+    script = ("from lit_distill.data.formats import Encoder\n"
+              "def fail(*args): raise AssertionError('re-tokenised')\n"
+              "Encoder.__call__ = fail\n"
+              "from lit_distill.data import HFDataModule\n"
+              f"data = HFDataModule({str(examples / 'messages.jsonl')!r}, task='sft', chat_template='default', "
+              f"max_length=80, batch_size=4, cache_dir={str(tmp_path)!r})\n"
+              "data.setup('fit')\n"
+              "print(len(data.datasets['train']))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy())
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "57"
+
+
 def test_several_processes_encode_the_same_rows(examples):
     one, two = module(examples / "messages.jsonl", max_length=90), module(examples / "messages.jsonl", max_length=90,
                                                                           num_proc=2)

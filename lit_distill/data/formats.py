@@ -212,7 +212,8 @@ class Encoder:
         prompt_ids, chosen_ids = self._pair(prompt, chosen, where, "chosen")
         _, rejected_ids = self._pair(prompt, rejected, where, "rejected")
         pair = self._fit_pair(prompt_ids, chosen_ids, rejected_ids)
-        margin = row.get("margin", 0.0)
+        margin = row.get("margin")
+        margin = 0.0 if margin is None else margin  # a missing column, or a row without one (Arrow null)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)):
             raise DataFileError(f"{where}: column 'margin' must be a number, got {type(margin).__name__}")
         return {key: pair[key] for key in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
