@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import lightning as L
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
+
+from lit_distill.data.resume import ResumableLoader, ResumableSampler, batches_processed
 
 SPLITS = ("train", "validation", "test")
 
@@ -37,25 +39,28 @@ class EncodedDataModule(L.LightningDataModule):
             if split not in self.datasets:
                 self.datasets[split] = self.build_split(split)
 
-    def _loader(self, split: str, sampler: Optional[DistributedSampler] = None) -> DataLoader:
+    def _evaluation_loader(self, split: str) -> DataLoader:
         hp = self.hparams
-        batch_size = hp.batch_size if split == "train" else (hp.eval_batch_size or hp.batch_size)
-        return DataLoader(self.datasets[split], batch_size=batch_size, sampler=sampler, num_workers=hp.num_workers,
-                          collate_fn=self.collate_fn(split))
+        return DataLoader(self.datasets[split], batch_size=hp.eval_batch_size or hp.batch_size,
+                          num_workers=hp.num_workers, collate_fn=self.collate_fn(split))
 
     def train_dataloader(self) -> DataLoader:
-        # The shuffle order is a function of (seed, epoch) only (Lightning calls set_epoch), so a run resumed
-        # from an epoch-end checkpoint sees the same batches as an uninterrupted one, on any number of ranks.
+        # The shuffle order is a function of (seed, epoch) only (Lightning calls set_epoch), and the loader saves how
+        # many batches of the epoch were processed, so a run resumed from any checkpoint, mid-epoch too, sees the
+        # same batches as an uninterrupted one, on any number of ranks.
+        hp = self.hparams
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = DistributedSampler(self.datasets["train"], num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=self.hparams.seed)
-        return self._loader("train", sampler)
+        sampler = ResumableSampler(self.datasets["train"], hp.batch_size, num_replicas=world_size, rank=rank,
+                                   shuffle=True, seed=hp.seed)
+        return ResumableLoader(self.datasets["train"], sampler, batches_processed(self.trainer),
+                               batch_size=hp.batch_size, num_workers=hp.num_workers,
+                               collate_fn=self.collate_fn("train"))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation")
+        return self._evaluation_loader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._evaluation_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("validation")
+        return self._evaluation_loader("validation")

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from lit_distill.data.base import EncodedDataModule
+from lit_distill.data.resume import ResumableLoader, batches_processed
 from lit_distill.rollout import seeded_generator
 
 
@@ -136,16 +137,20 @@ class CurriculumSampler(DistributedSampler):
     with a generator seeded by ``(seed, epoch)``, the same on every rank. Each dataset is walked in a shuffled
     order seeded by ``(seed, epoch, dataset)``; a step takes ``batch_size × world_size`` consecutive examples and
     this rank its ``batch_size`` share; a dataset walked to its end is reshuffled (a new cycle). So a step's
-    batches on all ranks come from one dataset and never overlap, and an epoch is a function of
-    ``(seed, epoch, weights)`` only: a run resumed at an epoch boundary with its weights restored draws exactly
-    what the uninterrupted run draws.
+    batches on all ranks come from one dataset and never overlap.
+
+    Resuming: the sampler notes its position before each draw (generator state, cursors, cycles, samples drawn) and
+    the weights it drew with. ``state_at(k)`` is the position before batch ``k`` plus the weights of the batches
+    from ``k`` on that were already drawn: DataLoader workers (and prefetching) draw ahead of the step being
+    trained, so those batches saw older weights than the checkpoint holds. After ``load_state``, the epoch continues from batch
+    ``k`` with those weights, then the live ones: the draws of the uninterrupted run, from any checkpoint.
 
     A subclass of DistributedSampler so that Lightning sees sharding done and does not wrap it.
     """
 
     def __init__(self, lengths: list[int], weights: Tensor, samples_drawn: Tensor, batch_size: int,
                  num_batches: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 names: Optional[list[str]] = None):
+                 names: Optional[list[str]] = None, batches_done: Callable[[], int] = lambda: 0):
         """
         Args:
             lengths: examples in each of the D datasets.
@@ -154,11 +159,15 @@ class CurriculumSampler(DistributedSampler):
             batch_size: examples per batch on this rank.
             num_batches: batches per epoch on each rank.
             names: the datasets' names, for error messages.
+            batches_done: how many of the epoch's batches training has processed (older positions are dropped).
         """
         self.lengths, self.weights, self.samples_drawn = lengths, weights, samples_drawn
         self.batch_size, self.num_batches = batch_size, num_batches
         self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
         self.shuffle, self.drop_last = True, True  # read by Lightning
+        self.batches_done = batches_done
+        self._positions: dict[int, dict] = {}  # batch index -> position before drawing it, and its weights
+        self._resume: Optional[dict] = None
         step_size = batch_size * num_replicas
         for index, length in enumerate(lengths):
             if length < step_size:
@@ -169,14 +178,35 @@ class CurriculumSampler(DistributedSampler):
     def __len__(self) -> int:
         return self.num_batches
 
+    def state_at(self, batches_done: int) -> dict:
+        positions = {index: position for index, position in self._positions.items() if index >= batches_done}
+        return {"epoch": self.epoch, "positions": positions if batches_done in positions else {}}
+
+    def load_state(self, state: dict) -> None:
+        self._resume = state if state["positions"] else None
+
     def __iter__(self):
+        resume, self._resume = (self._resume if self._resume and self._resume["epoch"] == self.epoch else None), None
         choice = seeded_generator(self.seed, self.epoch)
-        cursors = [0] * len(self.lengths)
-        cycles = [0] * len(self.lengths)
-        orders = [_permutation(length, self.seed, self.epoch, d, 0) for d, length in enumerate(self.lengths)]
+        cursors, cycles, first, recorded = [0] * len(self.lengths), [0] * len(self.lengths), 0, {}
+        if resume is not None:
+            recorded = resume["positions"]
+            first = min(recorded)
+            choice.set_state(recorded[first]["generator"])
+            cursors, cycles = list(recorded[first]["cursors"]), list(recorded[first]["cycles"])
+            self.samples_drawn.copy_(recorded[first]["samples_drawn"])
+        orders = [_permutation(length, self.seed, self.epoch, d, cycles[d]) for d, length in enumerate(self.lengths)]
         step_size = self.batch_size * self.num_replicas
-        for _ in range(self.num_batches):
-            d = int(torch.multinomial(self.weights.double(), 1, generator=choice))
+
+        def position() -> dict:  # where the draws are, before the next one
+            return {"generator": choice.get_state(), "cursors": list(cursors), "cycles": list(cycles),
+                    "samples_drawn": self.samples_drawn.clone()}
+
+        self._positions = {first: position()}
+        for index in range(first, self.num_batches):
+            weights = recorded[index]["weights"] if "weights" in recorded.get(index, {}) else self.weights.clone()
+            self._positions[index]["weights"] = weights
+            d = int(torch.multinomial(weights.double(), 1, generator=choice))
             if cursors[d] + step_size > self.lengths[d]:
                 cycles[d] += 1
                 orders[d] = _permutation(self.lengths[d], self.seed, self.epoch, d, cycles[d])
@@ -184,6 +214,10 @@ class CurriculumSampler(DistributedSampler):
             start = cursors[d] + self.rank * self.batch_size
             cursors[d] += step_size
             self.samples_drawn[d] += step_size
+            # Noted before the batch leaves: a checkpoint written before the next draw resumes from here.
+            done = self.batches_done()
+            self._positions = {key: value for key, value in self._positions.items() if key >= done}
+            self._positions[index + 1] = position()
             yield d, orders[d][start:start + self.batch_size]
 
 
@@ -312,10 +346,12 @@ class CurriculumDataModule(L.LightningDataModule):
         world_size, rank = self._world()
         lengths = [len(d) for d in dataset.datasets]
         num_batches = hp.batches_per_epoch or max(1, sum(lengths) // (hp.batch_size * world_size))
+        batches_done = batches_processed(self.trainer)
         sampler = CurriculumSampler(lengths, self.weights, self.samples_drawn, hp.batch_size, num_batches,
-                                    world_size, rank, hp.seed, names=self.names)
+                                    world_size, rank, hp.seed, names=self.names, batches_done=batches_done)
         # batch_size=None: each key the sampler yields is a whole batch.
-        return DataLoader(dataset, sampler=sampler, batch_size=None, collate_fn=collate, num_workers=hp.num_workers)
+        return ResumableLoader(dataset, sampler, batches_done, batch_size=None, collate_fn=collate,
+                               num_workers=hp.num_workers)
 
     def _evaluation_loader(self, split: str) -> DataLoader:
         hp = self.hparams

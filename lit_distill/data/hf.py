@@ -23,7 +23,7 @@ from lit_distill.data.formats import (FORMAT_COLUMNS, OUTPUT_COLUMNS, RESERVED_C
 from lit_distill.data.io import DataFileError, read_numbered_jsonl
 from lit_distill.data.packing import PackedDataset, best_fit_decreasing, collate_packed, packing_summary
 from lit_distill.data.prompts import collate_prompts
-from lit_distill.data.streaming import StreamingLoader
+from lit_distill.data.resume import StreamingLoader, batches_processed
 from lit_distill.models.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class HFDataModule(EncodedDataModule):
             cache_dir: where ``datasets`` keeps loaded and encoded Arrow files (default: its own cache).
             streaming: stream the source instead of loading it (corpora larger than memory or disk): rows are
                 encoded as they are read, sharded across ranks and DataLoader workers, shuffled in a buffer of
-                ``shuffle_buffer`` rows, and the position is saved in checkpoints (see ``data.streaming``).
+                ``shuffle_buffer`` rows, and the position is saved in checkpoints (see ``data.resume``).
                 Without a validation split, the first ``max_examples["validation"]`` rows are held out. Skipped
                 and truncated rows are not counted, and packing is not available.
         """
@@ -317,10 +317,9 @@ class HFDataModule(EncodedDataModule):
             stream = stream.shuffle(seed=hp.seed, buffer_size=hp.shuffle_buffer)
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
-        return StreamingLoader(
-            stream, batches_done=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer
-            else 0, epoch=lambda: trainer.current_epoch if trainer else 0, batch_size=hp.batch_size,
-            num_workers=hp.num_workers, collate_fn=self.collate_fn("train"))
+        return StreamingLoader(stream, batches_done=batches_processed(trainer),
+                               epoch=lambda: trainer.current_epoch if trainer else 0, batch_size=hp.batch_size,
+                               num_workers=hp.num_workers, collate_fn=self.collate_fn("train"))
 
     def collate_fn(self, split: str) -> Callable[[list[dict]], dict]:
         pad_token_id = self.tokenizer.pad_token_id

@@ -1,0 +1,120 @@
+"""Training DataLoaders that resume mid-epoch exactly where a checkpoint was written.
+
+Lightning saves the ``state_dict`` of a training loader that has one (its stateful-dataloader protocol) and hands it
+back to ``load_state_dict`` on resume, before the epoch's batches are drawn. Both loaders here save the position of
+the first batch the training loop has not processed: the loop's own count (``batch_progress.current.processed``,
+read when the checkpoint is written), not the number of batches fetched, which is ahead of it by whatever Lightning
+and the DataLoader workers have prefetched. This protocol rather than torchdata's ``StatefulDataLoader``: no extra
+dependency, and since the map-style samplers here are pure functions of ``(seed, epoch)``, the whole state is two
+integers, exact with any number of workers.
+
+* :class:`ResumableLoader` (map-style datasets): on load, its :class:`ResumableSampler` leaves out the indices of
+  the batches already processed in that epoch (the curriculum's sampler restores its draws instead).
+* :class:`StreamingLoader` (a ``datasets.IterableDataset``, a corpus streamed, never held in memory): the state is
+  the stream's own ``state_dict()`` noted before each batch is fetched. ``datasets`` restores a stream to a shard
+  and an offset in it;
+examples held in a shuffle buffer at that moment are not restored (its documented limit), so a resumed stream is
+exact with ``shuffle_buffer: 0`` and continues from the same position with a buffer.
+
+Positions are tracked in the main process: with ``num_workers > 0`` each worker streams its own shards and the
+main process cannot see where they are, so such a loader records no position (a warning says so).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+from torch.utils.data import DataLoader, DistributedSampler
+
+log = logging.getLogger(__name__)
+
+
+def batches_processed(trainer) -> Callable[[], int]:
+    """A function giving how many of the current epoch's training batches ``trainer`` has processed (0 without
+    one)."""
+    return lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (its order a function of ``seed`` and the epoch) that can start an epoch part-way:
+    after ``load_state(state_at(k))``, iterating that epoch leaves out the indices of its first ``k`` batches (once).
+    """
+
+    def __init__(self, dataset, batch_size: int, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.batch_size = batch_size
+        self._skip: Optional[tuple[int, int]] = None  # (epoch, indices to leave out)
+
+    def state_at(self, batches_done: int) -> dict:
+        return {"epoch": self.epoch, "batches_done": batches_done}
+
+    def load_state(self, state: dict) -> None:
+        self._skip = (state["epoch"], state["batches_done"] * self.batch_size)
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        if self._skip is not None and self._skip[0] == self.epoch:
+            indices = indices[self._skip[1]:]
+        self._skip = None
+        return iter(indices)
+
+
+class ResumableLoader(DataLoader):
+    """``DataLoader(dataset, sampler=sampler, **kwargs)`` whose state is its sampler's position at the first batch the
+    training loop has not processed (a sampler with ``state_at(batches_done)`` and ``load_state(state)``, such as
+    :class:`ResumableSampler` or the curriculum's)."""
+
+    def __init__(self, dataset, sampler, batches_done: Callable[[], int], **kwargs):
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_at(self.batches_done())
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state(state)
+
+
+class StreamingLoader(DataLoader):
+    """``DataLoader(dataset, **kwargs)`` for an iterable ``datasets`` stream, resumable from checkpoints.
+
+    Args:
+        dataset: a ``datasets.IterableDataset`` (already sharded for this rank).
+        batches_done: the number of this epoch's batches the training loop has processed (read when a checkpoint
+            is written, and when an epoch starts: a resumed epoch starts where its checkpoint was).
+        epoch: the current epoch, for the stream's shuffle seed.
+    """
+
+    def __init__(self, dataset, batches_done: Callable[[], int], epoch: Callable[[], int], **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.batches_done, self.epoch = batches_done, epoch
+        self._positions: dict[int, dict] = {}  # batch index -> the stream's state before that batch
+        if self.num_workers:
+            log.warning("a streamed dataset read by %d DataLoader workers records no position in checkpoints: a "
+                        "resumed run restarts its epoch (num_workers: 0 resumes where it stopped)", self.num_workers)
+
+    def __iter__(self):
+        self.dataset.set_epoch(self.epoch())
+        index = self.batches_done()
+        self._positions = {}
+        batches = super().__iter__()
+        while True:
+            if not self.num_workers:
+                self._positions[index] = self.dataset.state_dict()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            done = self.batches_done()
+            self._positions = {key: value for key, value in self._positions.items() if key >= done}
+            index += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"position": self._positions.get(self.batches_done())}
+
+    def load_state_dict(self, state: dict) -> None:
+        position: Optional[dict] = state.get("position")
+        if position is not None:
+            self.dataset.load_state_dict(position)

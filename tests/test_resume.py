@@ -1,0 +1,186 @@
+"""Exact resume: a run resumed from a mid-epoch checkpoint trains on the same batches and computes the same losses
+as the uninterrupted run — in process, and after the run was killed with SIGKILL."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lit_distill.callbacks import Autocurriculum
+from lit_distill.data import (CurriculumDataModule, DialogDataModule, JSONLPromptDataModule, SQuADDataModule,
+                              SQuADPreferenceDataModule, WikiTextDataModule)
+from lit_distill.data.curriculum import CurriculumSampler
+from lit_distill.models.loading import ModelSpec
+from lit_distill.modules import DistillModule, DPOModule, GRPOModule, SFTModule
+from lit_distill.rewards import ArithmeticReward
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+
+
+class Losses(Callback):
+    """Every training step's loss (the value back-propagated, for modules that return one), by global step."""
+
+    def __init__(self):
+        self.values = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if outputs:  # manual optimisation (RL) returns nothing
+            self.values[trainer.global_step] = float(outputs["loss"])
+
+
+def run(module_factory, data_factory, directory: Path, max_steps: int, ckpt_path=None, callbacks=()):
+    """Fit to ``max_steps`` with a checkpoint every 3 steps: (losses by step, the trained weights, the data)."""
+    L.seed_everything(0)
+    module, data = module_factory(), data_factory()
+    losses = Losses()
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        callbacks=[losses, *callbacks, ModelCheckpoint(directory, every_n_train_steps=3,
+                                                                       save_top_k=-1)])
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return losses.values, {name: value.clone() for name, value in module.model.state_dict().items()}, data
+
+
+def student():
+    return ModelSpec(tokenizer="lit-distill/tiny-teacher", config=TINY)
+
+
+# Each epoch has 9 or 10 batches of 4: a checkpoint at step 3 is mid-epoch, and step 14 is in the second epoch.
+CASES = {
+    "sft-squad": (lambda: SFTModule(student()),
+                  lambda: SQuADDataModule(embedded_examples=40, max_length=96, batch_size=4,
+                                          max_examples={"validation": 4})),
+    "sft-wikitext": (lambda: SFTModule(student()),
+                     lambda: WikiTextDataModule(source="embedded", embedded_documents=30, block_size=32, batch_size=4,
+                                                max_blocks={"validation": 4})),
+    "kd-on-policy": (lambda: DistillModule(student(), ModelSpec("lit-distill/tiny-teacher"), on_policy_fraction=0.5,
+                                           prompt_tokens=8, max_new_tokens=8),
+                     lambda: WikiTextDataModule(source="embedded", tokenizer="lit-distill/tiny-teacher",
+                                                embedded_documents=30, block_size=32, batch_size=4,
+                                                max_blocks={"validation": 4})),
+    "dpo": (lambda: DPOModule(student()),
+            lambda: SQuADPreferenceDataModule(embedded_examples=40, max_length=96, batch_size=4,
+                                              max_examples={"validation": 4})),
+    "grpo": (lambda: GRPOModule(ModelSpec("lit-distill/tiny-teacher"), [ArithmeticReward()], num_generations=2,
+                                max_new_tokens=4),
+             lambda: JSONLPromptDataModule(embedded="arithmetic_statements", num_embedded=40, batch_size=4,
+                                           max_examples={"validation": 4})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_resume_from_a_mid_epoch_checkpoint_repeats_every_later_step(tmp_path, case):
+    module_factory, data_factory = CASES[case]
+    losses, weights, _ = run(module_factory, data_factory, tmp_path / "first", max_steps=14)
+    checkpoint = next((tmp_path / "first").glob("*step=3.ckpt"))
+    resumed_losses, resumed_weights, _ = run(module_factory, data_factory, tmp_path / "second", max_steps=14,
+                                             ckpt_path=str(checkpoint))
+    assert resumed_losses == {step: losses[step] for step in resumed_losses}
+    assert all(torch.equal(resumed_weights[name], weights[name]) for name in weights)  # bit-identical training
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_curriculum_resumes_mid_epoch_with_the_weights_each_batch_was_drawn_with(tmp_path, num_workers):
+    """Weights move every 2 steps. With DataLoader workers the sampler draws batches ahead of training, before the
+    updates that precede the checkpoint: the resumed run must draw those with the weights recorded for them."""
+    def curriculum():
+        return CurriculumDataModule(
+            {"dialog": DialogDataModule(source="embedded", embedded_documents=30, block_size=32),
+             "text": WikiTextDataModule(source="embedded", embedded_documents=30, block_size=32)},
+            batch_size=4, batches_per_epoch=10, difficulty_sample_size=8, lr=1.0, num_workers=num_workers)
+
+    def sft():
+        return SFTModule(ModelSpec(tokenizer="lit-distill/tokenizer", config=TINY))
+
+    losses, weights, data = run(sft, curriculum, tmp_path / "first", 14, callbacks=[Autocurriculum(2, 4)])
+    resumed_losses, resumed_weights, resumed_data = run(
+        sft, curriculum, tmp_path / "second", 14, ckpt_path=str(next((tmp_path / "first").glob("*step=3.ckpt"))),
+        callbacks=[Autocurriculum(2, 4)])
+    assert resumed_losses == {step: losses[step] for step in resumed_losses}
+    assert all(torch.equal(resumed_weights[name], weights[name]) for name in weights)
+    assert torch.equal(resumed_data.weights, data.weights) and torch.equal(resumed_data.samples_drawn,
+                                                                           data.samples_drawn)
+
+
+def test_curriculum_sampler_redraws_batches_drawn_ahead_with_the_weights_they_were_drawn_with():
+    weights, drawn, done = torch.tensor([1.0, 0.0]), torch.zeros(2), [0]
+    sampler = CurriculumSampler([40, 40], weights, drawn, batch_size=4, num_batches=10, batches_done=lambda: done[0])
+    draws = iter(sampler)
+    keys = [next(draws) for _ in range(5)]  # workers drew 5 batches ahead while training processed 3
+    done[0] = 3
+    state = sampler.state_at(3)
+    weights.copy_(torch.tensor([0.0, 1.0]))  # an update after those draws, before the checkpoint
+    keys += list(draws)
+    resumed = CurriculumSampler([40, 40], weights.clone(), torch.zeros(2), batch_size=4, num_batches=10,
+                                batches_done=lambda: 3)
+    resumed.load_state(state)
+    assert list(resumed) == keys[3:] and [d for d, _ in keys] == [0] * 5 + [1] * 5
+    assert torch.equal(resumed.samples_drawn, drawn)
+
+
+OVERLAY = """
+trainer:
+  max_steps: 30                  # an epoch is 25 batches: the resumed run crosses an epoch boundary
+  val_check_interval: 15
+  log_every_n_steps: 1
+  enable_checkpointing: true
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {checkpoints}, every_n_train_steps: 5, save_top_k: -1}}
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: {logs}, name: {name}}}
+model:
+  init_args:
+    model:
+      config: {{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,
+               num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256}}
+    save_dir: {logs}/{name}/model
+data:
+  init_args: {{embedded_examples: 200, batch_size: 8, max_examples: {{validation: 16}}}}
+"""
+
+
+def launch(tmp_path: Path, name: str, *extra: str) -> subprocess.Popen:
+    overlay = tmp_path / f"{name}.yaml"
+    overlay.write_text(OVERLAY.format(checkpoints=tmp_path / name / "checkpoints", logs=tmp_path, name=name))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lit_distill", "fit", "--config", "configs/sft/quickstart.yaml",
+                             "--config", str(overlay), *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def logged(tmp_path: Path, name: str) -> dict[tuple[str, int], str]:
+    rows = csv.DictReader(next((tmp_path / name).rglob("metrics.csv")).open())
+    return {(key, int(row["step"])): value for row in rows for key, value in row.items()
+            if value and key not in ("step", "epoch") and not key.startswith("perf/")}
+
+
+def test_a_run_killed_after_a_mid_epoch_checkpoint_resumes_to_the_same_losses_and_metrics(tmp_path):
+    uninterrupted = launch(tmp_path, "uninterrupted")
+    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read()[-3000:]
+    killed = launch(tmp_path, "killed")
+    checkpoint = tmp_path / "killed" / "checkpoints" / "epoch=0-step=10.ckpt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert checkpoint.exists()
+    resumed = launch(tmp_path, "resumed", "--ckpt_path", str(checkpoint))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    expected, found = logged(tmp_path, "uninterrupted"), logged(tmp_path, "resumed")
+    later = {key: value for key, value in expected.items() if key[1] >= 10}
+    assert {key for key in later if key[0] == "train/loss"} == {("train/loss", step) for step in range(10, 30)}
+    assert {key for key in later if key[0].startswith("val/")} >= {("val/loss", 14), ("val/loss", 29)}
+    assert found == later  # every later loss and metric, to the last digit
