@@ -27,6 +27,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from lit_distill.checks import check_sampling
 from lit_distill.data.collate import collate_sft, join, tokenize_completion
 from lit_distill.data.squad import SQuADDataModule
 from lit_distill.models.loading import ModelSpec, build_model, count_parameters, load_tokenizer
@@ -85,6 +86,7 @@ class AgentModule(CausalLMModule):
         super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
         if not 0.0 <= reward_threshold <= 1.0:
             raise ValueError(f"reward_threshold must be in [0, 1], got {reward_threshold}")
+        check_sampling(max_new_tokens, temperature, top_p=top_p)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "teacher"])
         self.tokenizer = load_tokenizer(student.tokenizer or student.name_or_path)
         self.model = build_model(student, self.tokenizer).train()

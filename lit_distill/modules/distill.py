@@ -20,6 +20,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from lit_distill.checks import check_sampling, require
 from lit_distill.data.collate import IGNORE_INDEX
 from lit_distill.losses import DIVERGENCES, kd_loss, token_logprobs, topk_kd_loss
 from lit_distill.models.loading import ModelSpec, build_model, count_parameters, load_tokenizer
@@ -63,6 +64,13 @@ class DistillModule(CausalLMModule):
         super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence '{divergence}' is not one of {DIVERGENCES}")
+        require(temperature > 0, "temperature", temperature, "> 0 (both logits are divided by it)")
+        require(0 <= alpha <= 1, "alpha", alpha, "in [0, 1] (the weight of the cross-entropy)")
+        require(0 <= beta <= 1, "beta", beta, "in [0, 1]")
+        require(chunk_size is None or chunk_size >= 1, "chunk_size", chunk_size, ">= 1 or null")
+        if on_policy_fraction > 0:
+            check_sampling(max_new_tokens, sampling_temperature)
+            require(prompt_tokens >= 1, "prompt_tokens", prompt_tokens, ">= 1")
         if not 0.0 <= on_policy_fraction <= 1.0:
             raise ValueError(f"on_policy_fraction must be in [0, 1], got {on_policy_fraction}")
         if teacher is None and logit_cache is None:

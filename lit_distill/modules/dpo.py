@@ -15,6 +15,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
+from lit_distill.checks import require
 from lit_distill.losses import DPO_LOSS_TYPES, dpo_loss
 from lit_distill.models.loading import ModelSpec, build_model, copy_model, load_tokenizer
 from lit_distill.models.forward import labelled_sequence_logprobs
@@ -52,6 +53,8 @@ class DPOModule(CausalLMModule):
         super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
         if loss_type not in DPO_LOSS_TYPES:
             raise ValueError(f"loss_type '{loss_type}' is not one of {DPO_LOSS_TYPES}")
+        require(beta > 0, "beta", beta, "> 0")
+        require(0 <= label_smoothing < 0.5, "label_smoothing", label_smoothing, "in [0, 0.5)")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.tokenizer = load_tokenizer(policy.tokenizer or policy.name_or_path)
         self.model = build_model(policy, self.tokenizer).eval()

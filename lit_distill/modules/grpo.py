@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from lit_distill.checks import require
 from lit_distill.losses.grpo import GRPO_LOSS_TYPES, grpo_denominator, grpo_loss
 from lit_distill.losses.rl import SCALE_REWARDS, group_advantages, masked_mean
 from lit_distill.models.loading import ModelSpec
@@ -65,6 +66,11 @@ class GRPOModule(OnlineRLModule):
         if num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (advantages are relative to the group), got "
                              f"{num_generations}")
+        require(beta >= 0, "beta", beta, ">= 0 (the KL coefficient; 0 drops the reference)")
+        require(clip_eps > 0, "clip_eps", clip_eps, "> 0")
+        require(clip_eps_high is None or clip_eps_high >= clip_eps, "clip_eps_high", clip_eps_high,
+                f">= clip_eps ({clip_eps}) or null")
+        require(num_iterations >= 1, "num_iterations", num_iterations, ">= 1")
         super().__init__(policy, rewards, reward_weights, reference, beta != 0, max_new_tokens, temperature, top_k,
                          top_p, stop_strings, micro_batch_size, max_grad_norm, seed, optimizer, lr_scheduler,
                          save_dir, merge_lora)

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
+from lit_distill.checks import require
 from lit_distill.losses.ppo import clipped_policy_loss, clipped_value_loss
 from lit_distill.losses.rl import KL_ESTIMATORS, gae, kl_estimate, masked_mean, masked_sum, masked_var, masked_whiten
 from lit_distill.models.heads import ScalarHead, final_hidden_states
@@ -68,6 +69,13 @@ class PPOModule(OnlineRLModule):
         """
         if kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+        require(kl_coef >= 0, "kl_coef", kl_coef, ">= 0")
+        require(0 <= gamma <= 1 and 0 <= lam <= 1, "gamma and lam", (gamma, lam), "in [0, 1]")
+        require(ppo_epochs >= 1 and num_minibatches >= 1, "ppo_epochs and num_minibatches",
+                (ppo_epochs, num_minibatches), ">= 1")
+        require(clip_eps > 0, "clip_eps", clip_eps, "> 0")
+        require(clip_range_value is None or clip_range_value > 0, "clip_range_value", clip_range_value, "> 0 or null")
+        require(vf_coef >= 0 and entropy_coef >= 0, "vf_coef and entropy_coef", (vf_coef, entropy_coef), ">= 0")
         super().__init__(policy, rewards, reward_weights, reference, kl_coef > 0, max_new_tokens, temperature, top_k,
                          top_p, stop_strings, micro_batch_size, max_grad_norm, seed, optimizer, lr_scheduler,
                          save_dir, merge_lora)

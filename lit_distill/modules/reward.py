@@ -11,6 +11,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 
+from lit_distill.checks import require
 from lit_distill.losses import reward_loss
 from lit_distill.models.heads import ScalarHead, final_hidden_states
 from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer, save_pretrained
@@ -31,6 +32,7 @@ class RewardModule(CausalLMModule):
             center_coefficient: weight of Eisenstein et al.'s (r_c + r_r)² term that keeps rewards centred at 0.
             save_dir: where the backbone (HF format) and ``score_head.pt`` are written at the end of training.
         """
+        require(center_coefficient >= 0, "center_coefficient", center_coefficient, ">= 0")
         super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.tokenizer = load_tokenizer(model.tokenizer or model.name_or_path)

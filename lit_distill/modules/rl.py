@@ -22,6 +22,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from lit_distill.checks import check_sampling, require
 from lit_distill.losses.logprobs import token_logprobs
 from lit_distill.models.heads import forward_with_hidden_states
 from lit_distill.models.loading import ModelSpec, build_model, copy_model, load_tokenizer
@@ -86,6 +87,10 @@ class OnlineRLModule(CausalLMModule):
                  micro_batch_size: Optional[int] = None, max_grad_norm: Optional[float] = 1.0, seed: int = 0,
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
                  save_dir: Optional[str] = None, merge_lora: bool = False):
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        require(micro_batch_size is None or micro_batch_size >= 1, "micro_batch_size", micro_batch_size,
+                ">= 1 or null")
+        require(max_grad_norm is None or max_grad_norm > 0, "max_grad_norm", max_grad_norm, "> 0 or null")
         super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(policy.tokenizer or policy.name_or_path)

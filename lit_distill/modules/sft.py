@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.text import SQuAD, Perplexity
 
+from lit_distill.checks import require
 from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer
 from lit_distill.models.forward import LabelledLogits, labelled_logits
 from lit_distill.modules.base import CausalLMModule, default_optimizer
@@ -35,6 +36,7 @@ class SFTModule(CausalLMModule):
             eval_max_new_tokens: answer budget when evaluation batches carry prompts and gold answers (SQuAD):
                 greedy answers are then scored with exact match and F1.
         """
+        require(eval_max_new_tokens >= 1, "eval_max_new_tokens", eval_max_new_tokens, ">= 1")
         super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.tokenizer = load_tokenizer(model.tokenizer or model.name_or_path)
