@@ -17,10 +17,22 @@ from typing import Optional
 import lightning as L
 import torch
 from jsonargparse import ArgumentParser
-from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _InstantiatorFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import lit_distill.data  # noqa: F401  (registers the DataModules for short class names)
 import lit_distill.modules  # noqa: F401  (registers the LightningModules)
+from lit_distill.errors import SIGTERM_EXIT_CODE, concise, debugging, exit_with, user_error_message
+
+
+class ConciseParser(LightningArgumentParser):
+    """A parse error is one message: no usage block, and of a union report only the alternative that failed."""
+
+    def error(self, message: str, ex: Optional[Exception] = None):
+        if not self.exit_on_error or debugging():
+            super().error(message, ex)
+        command = self.prog.replace(" [options]", "").replace("__main__.py", "python -m lit_distill")
+        exit_with(f"{concise(message)}\n(see {command} --help)")
 
 
 class _TopLevelInstantiator(_InstantiatorFn):
@@ -56,6 +68,7 @@ class LitDistillCLI(LightningCLI):
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"epilog": COMMANDS_HELP} if run else {"description": CacheTeacherCLI.__doc__},
+            parser_class=ConciseParser,
             args=args,
             run=run,
         )
@@ -130,8 +143,22 @@ def _import(class_path: str):
 
 def main(args=None) -> None:
     """``export``/``cache-teacher``/``write-data`` go to their commands; everything else to LightningCLI (``fit``,
-    ``validate``, ...)."""
-    argv = sys.argv[1:] if args is None else args
+    ``validate``, ...). A user error ends the run with one message and exit code 2 (see :mod:`lit_distill.errors`)."""
+    try:
+        _dispatch(sys.argv[1:] if args is None else args, args)
+    except SIGTERMException:
+        # Lightning stops a SIGTERM'd fit cleanly (a ModelCheckpoint with save_on_exception writes a checkpoint
+        # first) and would exit 0: a scheduler must see that the run did not finish.
+        sys.stderr.write("stopped by SIGTERM; resume from the last checkpoint with --ckpt_path\n")
+        sys.exit(SIGTERM_EXIT_CODE)
+    except Exception as error:
+        message = None if debugging() else user_error_message(error)
+        if message is None:
+            raise
+        exit_with(message)
+
+
+def _dispatch(argv, args) -> None:
     command = argv[0] if isinstance(argv, list) and argv else None
     if command == "export":
         from lit_distill.export.command import main as export_main

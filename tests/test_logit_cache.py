@@ -237,9 +237,10 @@ def test_help_lists_the_cache_teacher_command(capsys):
     assert "--output" in capsys.readouterr().out
 
 
-def test_cache_teacher_needs_a_cache_path(tmp_path):
-    with pytest.raises(LogitCacheError, match="no model.init_args.logit_cache"):
+def test_cache_teacher_needs_a_cache_path(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # a user error: one message, exit code 2
         main(["cache-teacher", "--config", str(ROOT / "configs/quickstart.yaml")])
+    assert exit_info.value.code == 2 and "error: the config has no model.init_args.logit_cache" in capsys.readouterr().err
 
 
 def test_ddp_two_processes_from_the_cache_match_one_process(llama_dir, tmp_path):

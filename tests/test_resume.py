@@ -136,7 +136,7 @@ trainer:
   enable_checkpointing: true
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {checkpoints}, every_n_train_steps: 5, save_top_k: -1}}
+      init_args: {{dirpath: {checkpoints}, every_n_train_steps: 5, save_top_k: -1, save_on_exception: true}}
   logger:
     class_path: lightning.pytorch.loggers.CSVLogger
     init_args: {{save_dir: {logs}, name: {name}}}
@@ -166,21 +166,28 @@ def logged(tmp_path: Path, name: str) -> dict[tuple[str, int], str]:
             if value and key not in ("step", "epoch") and not key.startswith("perf/")}
 
 
-def test_a_run_killed_after_a_mid_epoch_checkpoint_resumes_to_the_same_losses_and_metrics(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_a_run_stopped_after_a_mid_epoch_checkpoint_resumes_to_the_same_losses_and_metrics(tmp_path, stop):
+    """SIGKILL: resume from the last periodic checkpoint. SIGTERM (a scheduler's preemption): the run saves a
+    checkpoint where it stopped (save_on_exception), exits 143, and resumes from there."""
     uninterrupted = launch(tmp_path, "uninterrupted")
     assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read()[-3000:]
-    killed = launch(tmp_path, "killed")
-    checkpoint = tmp_path / "killed" / "checkpoints" / "epoch=0-step=10.ckpt"
+    stopped = launch(tmp_path, "stopped")
+    checkpoints = tmp_path / "stopped" / "checkpoints"
     deadline = time.monotonic() + 300
-    while not checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
+    while not (checkpoints / "epoch=0-step=10.ckpt").exists() and stopped.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait(timeout=60)
-    assert checkpoint.exists()
+    stopped.send_signal(stop)
+    returncode = stopped.wait(timeout=60)
+    assert returncode == (-signal.SIGKILL if stop == signal.SIGKILL else 143), stopped.stderr.read()[-3000:]
+    checkpoint = max(checkpoints.glob("*.ckpt"), key=lambda path: int(path.stem.split("step=")[1]))
+    step = int(checkpoint.stem.split("step=")[1])
+    assert 10 <= step < 30
     resumed = launch(tmp_path, "resumed", "--ckpt_path", str(checkpoint))
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
     expected, found = logged(tmp_path, "uninterrupted"), logged(tmp_path, "resumed")
-    later = {key: value for key, value in expected.items() if key[1] >= 10}
-    assert {key for key in later if key[0] == "train/loss"} == {("train/loss", step) for step in range(10, 30)}
-    assert {key for key in later if key[0].startswith("val/")} >= {("val/loss", 14), ("val/loss", 29)}
+    later = {key: value for key, value in expected.items() if key[1] >= step}
+    assert {key for key in later if key[0] == "train/loss"} == {("train/loss", index) for index in range(step, 30)}
+    assert ("val/loss", 29) in later
     assert found == later  # every later loss and metric, to the last digit

@@ -1,11 +1,19 @@
-"""Mistakes a user can make get one clear error, before any model is built (the model specs here name a directory
-that does not exist: reaching the model build would raise another error)."""
+"""Mistakes a user can make get one clear error: range checks before any model is built (the model specs here name a
+directory that does not exist: reaching the model build would raise another error), and at the command line one
+message, exit code 2 and no traceback."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from lit_distill.data.io import DataFileError, read_jsonl
 from lit_distill.models.loading import ModelSpec
 from lit_distill.modules import AgentModule, DistillModule, DPOModule, GRPOModule, PPOModule, RewardModule, SFTModule
 
+ROOT = Path(__file__).resolve().parent.parent
 MISSING = ModelSpec(name_or_path="/nonexistent/model")
 
 
@@ -32,3 +40,33 @@ def test_out_of_range_arguments_fail_before_any_model_is_built(module, arguments
               SFTModule: {"model": MISSING}}[module]
     with pytest.raises(ValueError, match=message):
         module(**models, **arguments)
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lit_distill", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_a_cli_mistake_is_one_message_with_exit_code_2_and_no_traceback():
+    result = cli("fit", "--config", "configs/grpo/quickstart.yaml", "--model.init_args.beta", "-0.5")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: beta must be >= 0 (the KL coefficient; 0 drops the reference), got -0.5" in result.stderr
+    debug = cli("fit", "--config", "configs/grpo/quickstart.yaml", "--model.init_args.beta", "-0.5",
+                LIT_DISTILL_DEBUG="1")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr  # the switch shows where it came from
+
+
+def test_a_config_parse_error_keeps_only_the_alternative_that_failed():
+    result = cli("fit", "--config", "configs/grpo/quickstart.yaml", "--model.init_args.betaa", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert ("error: Parser key \"model\": Problem with given class_path 'lit_distill.modules.GRPOModule': "
+            "Option 'betaa' is not accepted") in result.stderr
+    assert "NoneType" not in result.stderr and "Given value" not in result.stderr and "usage:" not in result.stderr
+
+
+def test_a_byte_that_is_not_utf8_names_its_file_and_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "caf\xe9", "chosen": "b", '
+                     b'"rejected": "c"}\n')
+    with pytest.raises(DataFileError, match=r"pairs.jsonl:2: not UTF-8 text"):
+        read_jsonl(path)

@@ -28,24 +28,23 @@ def read_numbered_jsonl(path: str | Path, required: Iterable[str] = (),
     path = _existing(path)
     required = tuple(required)
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFileError(f"{path}:{line_number}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise DataFileError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            missing = [name for name in required if name not in row]
-            if missing:
-                raise DataFileError(f"{path}:{line_number}: missing field(s) {missing}; the line has {sorted(row)}")
-            for name in strings:
-                if not isinstance(row[name], str):
-                    raise DataFileError(f"{path}:{line_number}: field '{name}' must be a string, "
-                                        f"got {type(row[name]).__name__}")
-            rows.append((line_number, row))
+    for line_number, line in enumerate(_utf8_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFileError(f"{path}:{line_number}: malformed JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise DataFileError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+        missing = [name for name in required if name not in row]
+        if missing:
+            raise DataFileError(f"{path}:{line_number}: missing field(s) {missing}; the line has {sorted(row)}")
+        for name in strings:
+            if not isinstance(row[name], str):
+                raise DataFileError(f"{path}:{line_number}: field '{name}' must be a string, "
+                                    f"got {type(row[name]).__name__}")
+        rows.append((line_number, row))
     return rows
 
 
@@ -53,7 +52,7 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
     """Texts from a .txt file (one per line), a JSONL file (``text_field`` of each row) or a parquet file."""
     path = _existing(path)
     if path.suffix in TEXT_SUFFIXES:
-        return path.read_text(encoding="utf-8").splitlines()
+        return read_utf8(path).splitlines()
     if path.suffix in JSONL_SUFFIXES:
         return [row[text_field] for row in read_jsonl(path, required=[text_field], strings=[text_field])]
     if path.suffix in PARQUET_SUFFIXES:
@@ -101,6 +100,22 @@ def find_split_file(directory: str | Path, split: str) -> Optional[Path]:
             if candidate.exists():
                 return candidate
     return None
+
+
+def read_utf8(path: str | Path) -> str:
+    """The text of a UTF-8 file; a byte that is not UTF-8 is a ``DataFileError`` naming its line."""
+    return "".join(_utf8_lines(Path(path)))
+
+
+def _utf8_lines(path: Path):
+    """The lines of a text file decoded as UTF-8 one by one, so that a byte that is not UTF-8 names its line."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFileError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start} of the "
+                                    f"line); re-save the file as UTF-8") from None
 
 
 def _existing(path: str | Path) -> Path:

@@ -14,7 +14,7 @@ from lit_distill.data.base import SPLITS, EncodedDataModule
 from lit_distill.data.chat import format_prompt
 from lit_distill.data.collate import (EncodingError, SkipLog, TooLongError, Truncation, collate_sft,
                                       encode_pair, holdout)
-from lit_distill.data.io import DataFileError
+from lit_distill.data.io import DataFileError, read_utf8
 from lit_distill.data.packing import PackedDataset, best_fit_decreasing, collate_packed, packing_summary
 from lit_distill.models.loading import load_tokenizer
 
@@ -52,7 +52,7 @@ def read_squad_json(path: str | Path) -> list[SQuADExample]:
     if not path.is_file():
         raise FileNotFoundError(f"SQuAD file '{path}' does not exist")
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(read_utf8(path))
     except json.JSONDecodeError as err:
         raise DataFileError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
 
