@@ -9,10 +9,12 @@ Other commands: ``cache-teacher --config X.yaml`` (the teacher-logit cache of a 
 
 from __future__ import annotations
 
+import copy
 import importlib
 import sys
 import time
-from typing import Optional
+from pathlib import Path
+from typing import Literal, Optional
 
 import lightning as L
 import torch
@@ -22,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import lit_distill.data  # noqa: F401  (registers the DataModules for short class names)
 import lit_distill.modules  # noqa: F401  (registers the LightningModules)
+from lit_distill.checkpoints import check_resume, check_save_dir
 from lit_distill.errors import SIGTERM_EXIT_CODE, concise, debugging, exit_with, user_error_message
 
 
@@ -72,6 +75,44 @@ class LitDistillCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--resume_config", type=Optional[Literal["checkpoint", "config"]], default=None,
+                            help="with --ckpt_path, whose model/data arguments win where the config differs from the "
+                                 "checkpoint's run (by default such a difference stops the run, listing them)")
+        parser.add_argument("--overwrite_save_dir", type=bool, default=False,
+                            help="let fit write its model into a model.init_args.save_dir that already holds files")
+
+    def parse_arguments(self, parser, args) -> None:
+        # Before LightningCLI replaces the config's model arguments with a checkpoint's: check the checkpoint, and
+        # list what differs (see lit_distill.checkpoints).
+        super().parse_arguments(parser, args)
+        self._configured_model, self._checkpoint_data = None, None
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            if not Path(ckpt_path).is_file():
+                raise FileNotFoundError(f"--ckpt_path '{ckpt_path}' is not a file")
+            data = config.data.as_dict() if config.get("data") is not None else None
+            _, saved_data = check_resume(ckpt_path, config.model.as_dict(), data, config.resume_config)
+            if config.resume_config == "config":
+                self._configured_model = copy.deepcopy(config.model)
+            elif config.resume_config == "checkpoint" and saved_data and data is not None:
+                self._checkpoint_data = {"class_path": saved_data["_class_path"],
+                                         "init_args": {k: v for k, v in saved_data.items() if not k.startswith("_")}}
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else None
+        if config is None:
+            return
+        if self._configured_model is not None:
+            config.model = self._configured_model
+        if self._checkpoint_data is not None:
+            self.config = self.parser.parse_object({self.subcommand: {"data": self._checkpoint_data}}, self.config)
+            config = self.config[self.subcommand]
+        if self.subcommand == "fit":
+            check_save_dir(config.model.get("init_args", {}).get("save_dir"), config.overwrite_save_dir)
 
     def _add_instantiators(self) -> None:
         self.parser.add_instantiator(_TopLevelInstantiator(cli=self, key="model"), L.LightningModule, subclasses=True)

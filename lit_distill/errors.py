@@ -42,7 +42,7 @@ def user_error_message(error: BaseException) -> Optional[str]:
     if not isinstance(root, USER_ERRORS):
         return None
     keys = [match.group(1) for link in chain if (match := re.search(r'Parser key "([^"]+)"', str(link)))]
-    message = concise(str(root)) if len(chain) > 1 else concise(str(error))
+    message = str(root)
     return f"{keys[0]}: {message}" if keys and not message.startswith(keys[0]) else message
 
 

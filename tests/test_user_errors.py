@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lit_distill.cli import LitDistillCLI
 from lit_distill.data.io import DataFileError, read_jsonl
 from lit_distill.models.loading import ModelSpec
 from lit_distill.modules import AgentModule, DistillModule, DPOModule, GRPOModule, PPOModule, RewardModule, SFTModule
@@ -70,3 +71,77 @@ def test_a_byte_that_is_not_utf8_names_its_file_and_line(tmp_path):
                      b'"rejected": "c"}\n')
     with pytest.raises(DataFileError, match=r"pairs.jsonl:2: not UTF-8 text"):
         read_jsonl(path)
+
+
+# ---- resuming and save_dir: nothing silently replaced ----------------------------------------------------------
+
+SFT = str(ROOT / "configs/sft/quickstart.yaml")
+SMALL = ["--model.init_args.model.config.hidden_size", "32", "--model.init_args.model.config.intermediate_size", "64",
+         "--model.init_args.model.config.num_hidden_layers", "1", "--data.init_args.embedded_examples", "64",
+         "--data.init_args.max_examples", "{validation: 8}", "--trainer.val_check_interval", "2",
+         "--trainer.enable_checkpointing", "true"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 2-step SFT run: its directory, with the checkpoint and the saved model."""
+    directory = tmp_path_factory.mktemp("run")
+    LitDistillCLI(args=["fit", "--config", SFT, *SMALL, "--trainer.max_steps", "2",
+                        "--trainer.logger.init_args.save_dir", str(directory),
+                        "--model.init_args.save_dir", str(directory / "model")])
+    return directory
+
+
+def checkpoint_of(run: Path) -> str:
+    return str(next(run.rglob("*.ckpt")))
+
+
+def resume(run: Path, tmp_path: Path, *extra: str):
+    return LitDistillCLI(args=["fit", "--config", SFT, *SMALL, "--trainer.max_steps", "3", "--ckpt_path",
+                               checkpoint_of(run), "--trainer.logger.init_args.save_dir", str(tmp_path),
+                               "--model.init_args.save_dir", str(tmp_path / "model"), *extra])
+
+
+def test_resuming_with_a_different_config_lists_every_difference_and_stops(finished_run, tmp_path):
+    with pytest.raises(ValueError) as error:
+        resume(finished_run, tmp_path, "--model.init_args.model.config.hidden_size", "48",
+               "--data.init_args.max_length", "100")
+    assert "model.init_args.model.config.hidden_size: checkpoint 32, config 48" in str(error.value)
+    assert "data.init_args.max_length: checkpoint 128, config 100" in str(error.value)
+    assert "--resume_config checkpoint" in str(error.value)
+
+
+def test_resume_config_says_which_arguments_win(finished_run, tmp_path):
+    cli = resume(finished_run, tmp_path / "config", "--data.init_args.max_length", "100", "--resume_config", "config")
+    assert cli.datamodule.hparams.max_length == 100 and cli.trainer.global_step == 3
+    # The checkpoint's arguments include its save_dir, which holds that run's model: refused unless overwritten.
+    with pytest.raises(ValueError, match="save_dir .*run.*/model' already holds files"):
+        resume(finished_run, tmp_path / "checkpoint", "--data.init_args.max_length", "100", "--resume_config",
+               "checkpoint")
+
+
+def test_resume_config_checkpoint_restores_its_data_arguments(tmp_path):
+    LitDistillCLI(args=["fit", "--config", SFT, *SMALL, "--trainer.max_steps", "2", "--trainer.logger.init_args.save_dir",
+                        str(tmp_path / "first"), "--model.init_args.save_dir", str(tmp_path / "first" / "model")])
+    cli = resume(tmp_path / "first", tmp_path / "second", "--data.init_args.max_length", "100", "--resume_config",
+                 "checkpoint", "--overwrite_save_dir", "true")
+    assert cli.datamodule.hparams.max_length == 128 and cli.trainer.global_step == 3
+
+
+def test_a_checkpoint_of_another_module_or_no_checkpoint_is_one_clear_error(finished_run, tmp_path):
+    with pytest.raises(ValueError, match="was written by lit_distill.modules.SFTModule, and this config trains "
+                                         "lit_distill.modules.DistillModule"):
+        LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--ckpt_path",
+                            checkpoint_of(finished_run)])
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(ValueError, match="notes.ckpt' is not a Lightning checkpoint"):
+        LitDistillCLI(args=["fit", "--config", SFT, "--ckpt_path", str(text)])
+
+
+def test_fit_refuses_a_save_dir_that_holds_another_runs_model(finished_run, tmp_path):
+    arguments = ["fit", "--config", SFT, *SMALL, "--trainer.max_steps", "1", "--trainer.logger.init_args.save_dir",
+                 str(tmp_path), "--model.init_args.save_dir", str(finished_run / "model")]
+    with pytest.raises(ValueError, match="already holds files .* --overwrite_save_dir true"):
+        LitDistillCLI(args=arguments)
+    assert LitDistillCLI(args=[*arguments, "--overwrite_save_dir", "true"]).trainer.global_step == 1
