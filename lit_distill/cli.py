@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import lit_distill.data  # noqa: F401  (registers the DataModules for short class names)
 import lit_distill.modules  # noqa: F401  (registers the LightningModules)
+from lit_distill.callbacks.cleanup import RemoveEmptyRunFolder
 from lit_distill.checkpoints import check_resume, check_save_dir
 from lit_distill.errors import SIGTERM_EXIT_CODE, concise, debugging, exit_with, user_error_message
 
@@ -72,6 +73,7 @@ class LitDistillCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"epilog": COMMANDS_HELP} if run else {"description": CacheTeacherCLI.__doc__},
             parser_class=ConciseParser,
+            trainer_defaults={"callbacks": [RemoveEmptyRunFolder()]},  # added to the config's callbacks
             args=args,
             run=run,
         )

@@ -145,3 +145,38 @@ def test_fit_refuses_a_save_dir_that_holds_another_runs_model(finished_run, tmp_
     with pytest.raises(ValueError, match="already holds files .* --overwrite_save_dir true"):
         LitDistillCLI(args=arguments)
     assert LitDistillCLI(args=[*arguments, "--overwrite_save_dir", "true"]).trainer.global_step == 1
+
+
+def test_a_failed_run_leaves_no_empty_run_folder(tmp_path):
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lit_distill.callbacks import RemoveEmptyRunFolder
+
+    class FailsAt(L.LightningModule):
+        def __init__(self, step: int):
+            super().__init__()
+            self.layer, self.fail_at = torch.nn.Linear(2, 1), step
+
+        def training_step(self, batch, batch_idx):
+            if batch_idx == self.fail_at:
+                raise ValueError("a mistake found at this step")
+            loss = self.layer(batch[0]).pow(2).mean()
+            self.log("train/loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 2)), batch_size=2)
+
+    for fail_at, kept in ((0, False), (5, True)):  # nothing logged: removed; metrics logged (not yet flushed): kept
+        logger = CSVLogger(tmp_path, name=f"fails_at_{fail_at}")
+        logger.log_hyperparams({"fail_at": fail_at})
+        trainer = L.Trainer(max_steps=8, logger=logger, log_every_n_steps=2, enable_progress_bar=False,
+                            enable_checkpointing=False, callbacks=[RemoveEmptyRunFolder()])
+        with pytest.raises(ValueError, match="a mistake"):
+            trainer.fit(FailsAt(fail_at))
+        assert Path(logger.log_dir).exists() == kept
