@@ -16,6 +16,7 @@ from lit_distill.models.loading import ModelSpec
 from lit_distill.modules import AgentModule
 from lit_distill.rollout import sequence_logprobs
 from lit_distill.teachers import HTTPTeacher, LocalTeacher, Teacher, generate_questions, write_questions
+from lit_distill.teachers.base import TeacherError
 from tests.test_cli import ROOT
 from tests.test_teachers import http_teacher, llama_cpp_server, server  # noqa: F401  (the fixture)
 
@@ -140,6 +141,46 @@ def test_correct_answers_get_a_reward_weighted_policy_gradient(tmp_path):
     nonempty = [bool(a) for a in answers]
     assert all(nonempty)  # exact match of empty strings would also count; the tiny model always says something
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+class Unreliable(Teacher):
+    """Answers "8", except that every question it was told to drop gets no answer (None) or an empty one."""
+
+    identity = "unreliable"
+
+    def __init__(self, drop):
+        self.drop, self.calls = drop, 0
+
+    def answer(self, questions, on_answer=None):
+        self.calls += 1
+        return [(None if index % 2 else "  ") if index in self.drop else " 8" for index in range(len(questions))]
+
+    def stats(self):
+        return {"requests": 4 * self.calls, "failures/timeout": self.calls}
+
+
+def test_unanswered_questions_leave_the_step_and_are_counted(caplog):
+    module = AgentModule(student=ModelSpec(**STUDENT), teacher=Unreliable(drop={1, 2}), similarity="exact",
+                         reward_threshold=1.0, max_new_tokens=3)
+    batch = one_batch(QuestionDataModule(embedded="arithmetic_statements", num_embedded=16, batch_size=4))
+    with caplog.at_level("WARNING"):
+        loss, num_tokens, metrics = module.qa_loss(batch)
+    # Only rows 0 and 3 train: the corrective term covers their two answers " 8" + EOS, nothing of rows 1 and 2.
+    target = len(module.tokenizer(" 8", add_special_tokens=False)["input_ids"]) + 1
+    assert num_tokens.item() == 2 * target and module.questions_seen == 2 and module.skipped_questions == 2
+    assert "2 question(s) without an answer" in caplog.text and "1 timeout failure(s)" in caplog.text
+    module.teacher.drop = set(range(4))
+    assert module.training_step(batch, 0) is None  # nothing answered: no step
+
+
+def test_too_many_unanswered_questions_stop_the_run_with_a_checkpoint(tmp_path):
+    module = AgentModule(student=ModelSpec(**STUDENT), teacher=Unreliable(drop=set(range(4))), max_new_tokens=3,
+                         max_skipped_questions=5)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", default_root_dir=tmp_path, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    with pytest.raises(TeacherError, match="left 8 questions unanswered, more than max_skipped_questions=5"):
+        trainer.fit(module, QuestionDataModule(embedded="arithmetic_statements", num_embedded=16, batch_size=4))
+    assert list(tmp_path.rglob("teacher_failures.ckpt"))
 
 
 def test_teacher_answers_are_cached_across_runs_through_a_real_endpoint(server, tmp_path):  # noqa: F811

@@ -20,6 +20,8 @@ first validation.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import torch
@@ -37,6 +39,9 @@ from lit_distill.optim import SchedulerCallable
 from lit_distill.rewards import ReferenceMatch, Reward, SentenceEmbeddingCosine
 from lit_distill.rollout import Rollout, rollout_generator, sequence_logprobs
 from lit_distill.teachers import CachedTeacher, Teacher
+from lit_distill.teachers.base import TeacherError
+
+log = logging.getLogger(__name__)
 
 SIMILARITIES = ("exact", "f1", "bleu", "semantic")
 
@@ -53,6 +58,13 @@ def answer_comparator(similarity: str, semantic_model: Optional[str]) -> Reward:
     return ReferenceMatch(similarity, column="reference", bleu_n_gram=1 if similarity == "bleu" else 4)
 
 
+def select_rows(batch: dict, rows: list[int]) -> dict:
+    """The ``rows`` of a question batch: tensors indexed along dim 0, lists (prompts, questions, answers) picked."""
+    index = torch.tensor(rows, dtype=torch.long)
+    return {key: value[index.to(value.device)] if isinstance(value, Tensor) else [value[row] for row in rows]
+            for key, value in batch.items()}
+
+
 class AgentModule(CausalLMModule):
     data_task = "questions"  # what an HFDataModule serves this module
     frozen_modules = ("comparator",)
@@ -62,7 +74,8 @@ class AgentModule(CausalLMModule):
                  semantic_model: Optional[str] = None, reward_threshold: float = 0.8, policy_weight: float = 1.0,
                  correction_weight: float = 1.0, max_new_tokens: int = 16, temperature: float = 1.0,
                  top_p: float = 1.0, stop_strings: Sequence[str] = (), teacher_parameters: Optional[int] = None,
-                 seed: int = 0, optimizer: OptimizerCallable = default_optimizer,
+                 max_skipped_questions: Optional[int] = 100, seed: int = 0,
+                 optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: Optional[SchedulerCallable] = None, save_dir: Optional[str] = None,
                  merge_lora: bool = False):
         """
@@ -81,12 +94,18 @@ class AgentModule(CausalLMModule):
             max_new_tokens, temperature, top_p, stop_strings: the student's sampling.
             teacher_parameters: the teacher's size for the logged parameter ratio when the teacher cannot tell
                 (an HTTP endpoint); a local teacher counts its own.
+            max_skipped_questions: questions the teacher may leave unanswered (no usable answer within its retries,
+                or an empty one) over the run; they are left out of their step and counted (``teacher/skipped``).
+                One more stops the run: a checkpoint ``teacher_failures.ckpt`` is written to the run's folder and
+                a ``TeacherError`` raised. None: no limit.
             seed: base seed of the student's sampling.
         """
         super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
         if not 0.0 <= reward_threshold <= 1.0:
             raise ValueError(f"reward_threshold must be in [0, 1], got {reward_threshold}")
         check_sampling(max_new_tokens, temperature, top_p=top_p)
+        if max_skipped_questions is not None and max_skipped_questions < 0:
+            raise ValueError(f"max_skipped_questions must be >= 0 or null, got {max_skipped_questions}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "teacher"])
         self.tokenizer = load_tokenizer(student.tokenizer or student.name_or_path)
         self.model = build_model(student, self.tokenizer).train()
@@ -94,6 +113,8 @@ class AgentModule(CausalLMModule):
         self.comparator = answer_comparator(similarity, semantic_model)
         self.cumulative_reward = 0.0
         self.questions_seen = 0
+        self.skipped_questions = 0
+        self._teacher_counts: dict[str, int] = {}
         self.first_val_accuracy: Optional[float] = None
         self.val_accuracy, self.val_similarity = MeanMetric(), MeanMetric()
         self.val_accuracy_gold, self.val_teacher_accuracy_gold = MeanMetric(), MeanMetric()
@@ -111,19 +132,52 @@ class AgentModule(CausalLMModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["agent"] = {"cumulative_reward": self.cumulative_reward, "questions_seen": self.questions_seen,
-                               "first_val_accuracy": self.first_val_accuracy}
+                               "first_val_accuracy": self.first_val_accuracy,
+                               "skipped_questions": self.skipped_questions}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("agent", {})
         self.cumulative_reward = state.get("cumulative_reward", 0.0)
         self.questions_seen = state.get("questions_seen", 0)
         self.first_val_accuracy = state.get("first_val_accuracy")
+        self.skipped_questions = state.get("skipped_questions", 0)
 
     # ---- answers ------------------------------------------------------------------------------------------
-    def ask_teacher(self, questions: list[str]) -> list[str]:
+    def ask_teacher(self, batch: dict, training: bool = True) -> tuple[dict, list[str]]:
+        """The rows of ``batch`` the teacher answered (an empty answer is none) and their answers; the rest are
+        counted as skipped, and a run past ``max_skipped_questions`` stops (see ``__init__``)."""
         # A teacher is no submodule (it must never enter a checkpoint), so Lightning does not move it; moving a
         # model to the device it is on costs nothing.
-        return self.teacher.to(self.device).answer(questions)
+        answers = self.teacher.to(self.device).answer(batch["question"])
+        kept = [row for row, answer in enumerate(answers) if answer is not None and answer.strip()]
+        self.log_teacher_counts(skipped=len(answers) - len(kept), training=training)
+        if len(kept) == len(answers):
+            return batch, answers
+        return select_rows(batch, kept), [answers[row] for row in kept]
+
+    def log_teacher_counts(self, skipped: int, training: bool) -> None:
+        """``teacher/<counter>`` of this step (requests, retries, failures by kind, cache hits...), a warning per
+        failure kind, and the skip limit."""
+        counts = self.teacher.stats()
+        change = {name: value - self._teacher_counts.get(name, 0) for name, value in counts.items()}
+        self._teacher_counts = counts
+        for name, value in change.items():
+            if name.startswith("failures/") and value:
+                log.warning("teacher: %d %s failure(s) at step %d (retried)", value, name.split("/", 1)[1],
+                            self.global_step)
+        if skipped:
+            log.warning("teacher: %d question(s) without an answer at step %d, left out", skipped, self.global_step)
+        if self._trainer is not None and training:
+            self.log_dict({f"teacher/{name}": float(value) for name, value in {**change, "skipped": skipped}.items()},
+                          on_step=True, on_epoch=False)
+        self.skipped_questions += skipped
+        limit = self.hparams.max_skipped_questions
+        if training and limit is not None and self.skipped_questions > limit:
+            path = Path(self.trainer.log_dir or ".") / "teacher_failures.ckpt"
+            self.trainer.save_checkpoint(path)
+            raise TeacherError(f"the teacher left {self.skipped_questions} questions unanswered, more than "
+                               f"max_skipped_questions={limit}; stopped at step {self.global_step}, checkpoint "
+                               f"{path} (resume with --ckpt_path once the teacher answers)")
 
     def student_answers(self, batch: dict, greedy: bool) -> tuple[Rollout, list[str]]:
         hp = self.hparams
@@ -150,14 +204,20 @@ class AgentModule(CausalLMModule):
 
     # ---- training -----------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        loss_sum, num_tokens, metrics = self.qa_loss(batch)
+        result = self.qa_loss(batch)
+        if result is None:  # the teacher answered none of the batch: no step (Lightning skips a None loss)
+            return None
+        loss_sum, num_tokens, metrics = result
         self.log_dict(metrics)
         return self.step_normalised(loss_sum, num_tokens)
 
-    def qa_loss(self, batch: dict) -> tuple[Tensor, Tensor, dict]:
-        """Token-summed loss of one batch of questions, its token count, and the step's metrics."""
+    def qa_loss(self, batch: dict) -> Optional[tuple[Tensor, Tensor, dict]]:
+        """Token-summed loss of one batch of questions, its token count, and the step's metrics; None when the
+        teacher answered none of them."""
         hp = self.hparams
-        teacher_answers = self.ask_teacher(batch["question"])
+        batch, teacher_answers = self.ask_teacher(batch)
+        if not teacher_answers:
+            return None
         rollout, student_answers = self.student_answers(batch, greedy=False)
         result = self.compare(batch, student_answers, teacher_answers)
         correct = result["correct"]
@@ -202,8 +262,12 @@ class AgentModule(CausalLMModule):
 
     # ---- evaluation: greedy answers ----------------------------------------------------------------------
     def evaluation_results(self, batch: dict) -> dict[str, Tensor]:
+        batch, teacher_answers = self.ask_teacher(batch, training=False)
+        if not teacher_answers:
+            empty = torch.zeros(0, device=self.device)
+            return {"similarity": empty, "correct": empty.bool()}
         _, student_answers = self.student_answers(batch, greedy=True)
-        return self.compare(batch, student_answers, self.ask_teacher(batch["question"]))
+        return self.compare(batch, student_answers, teacher_answers)
 
     def validation_step(self, batch, batch_idx):
         result = self.evaluation_results(batch)

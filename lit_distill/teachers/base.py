@@ -19,6 +19,10 @@ class TeacherError(RuntimeError):
     """A teacher could not produce an answer (refused request, endpoint down after all retries, ...)."""
 
 
+class RetriesExhausted(TeacherError):
+    """One question got no usable answer within its retries (transient failures, empty answers)."""
+
+
 class Teacher:
     """Base class of teachers.
 
@@ -34,7 +38,7 @@ class Teacher:
         """
         raise NotImplementedError
 
-    def answer(self, questions: list[str], on_answer: AnswerCallback | None = None) -> list[str]:
+    def answer(self, questions: list[str], on_answer: AnswerCallback | None = None) -> list[Optional[str]]:
         """Answer each question.
 
         Args:
@@ -43,13 +47,19 @@ class Teacher:
                 order, in the calling thread).
 
         Returns:
-            One answer per question, in order, stripped of surrounding whitespace.
+            One answer per question, in order, stripped of surrounding whitespace; None for a question the teacher
+            skipped (no usable answer within its retries; counted in :meth:`stats`).
 
         Raises:
-            TeacherError: some question could not be answered; answers already reported through
-                ``on_answer`` stay valid.
+            TeacherError: the teacher cannot answer at all (a refused request, a bad key); answers already
+                reported through ``on_answer`` stay valid.
         """
         raise NotImplementedError
+
+    def stats(self) -> dict[str, int]:
+        """Counters since the teacher was made (requests, retries, failures by kind, skipped questions, cache
+        hits...): a module logs their change per step as ``teacher/<name>``."""
+        return {}
 
     @property
     def num_parameters(self) -> Optional[int]:

@@ -65,8 +65,9 @@ class CachedTeacher(Teacher):
         self.teacher.to(device)
         return self
 
-    def answer(self, questions: list[str], on_answer: AnswerCallback | None = None) -> list[str]:
-        """Cached answers, and the teacher's for the others, each stored on arrival (see :meth:`Teacher.answer`)."""
+    def answer(self, questions: list[str], on_answer: AnswerCallback | None = None) -> list[str | None]:
+        """Cached answers, and the teacher's for the others, each stored on arrival (see :meth:`Teacher.answer`);
+        a question the teacher skipped is None and not stored."""
         identity = self.teacher.identity
         known = self.lookup(identity, questions)
         positions = defaultdict(list)  # question -> its indices in `questions`
@@ -81,9 +82,9 @@ class CachedTeacher(Teacher):
                 if question in known:
                     on_answer(index, known[question])
 
-        def store(index: int, text: str) -> None:
+        def store(index: int, text: str | None) -> None:
             question = missing[index]
-            if question in known:
+            if question in known or text is None:  # a skipped question is asked again next time
                 return
             self._insert(identity, question, text)
             known[question] = text
@@ -97,7 +98,11 @@ class CachedTeacher(Teacher):
                 raise TeacherError(f"{self.teacher!r} returned {len(answers)} answers for {len(missing)} questions")
             for index, text in enumerate(answers):  # a teacher that does not report through on_answer
                 store(index, text)
-        return [known[question] for question in questions]
+        return [known.get(question) for question in questions]
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {**self.teacher.stats(), "cache_hits": self.hits, "cache_misses": self.misses}
 
     def lookup(self, identity: str, questions: list[str]) -> dict[str, str]:
         """``{question: answer}`` for those of ``questions`` cached under ``identity``."""

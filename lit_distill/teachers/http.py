@@ -17,6 +17,7 @@ from __future__ import annotations
 import email.utils
 import http.client
 import json
+import logging
 import os
 import random
 import threading
@@ -24,16 +25,20 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import TypeVar
 
 from lit_distill.teachers.base import (
     AnswerCallback,
+    RetriesExhausted,
     Teacher,
     TeacherError,
     identity_string,
 )
+
+log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 409, 429}  # and every 5xx
 MAX_MESSAGE_CHARS = 500  # of a server's error text quoted in an exception
@@ -53,7 +58,7 @@ class _Endpoint:
     sleep = staticmethod(time.sleep)
 
     def __init__(self, base_url: str, route: str, api_key_env: str | None, concurrency: int, timeout: float,
-                 max_retries: int, backoff: float, max_backoff: float):
+                 max_retries: int, backoff: float, max_backoff: float, deadline: float = 300.0):
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             # The URL itself is not echoed: it might hold a credential.
@@ -65,9 +70,9 @@ class _Endpoint:
         for name, value, low in (("concurrency", concurrency, 1), ("max_retries", max_retries, 0)):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
-        if not timeout > 0 or backoff < 0 or max_backoff < 0:
-            raise ValueError(f"timeout must be > 0 and backoff, max_backoff >= 0, got {timeout}, {backoff}, "
-                             f"{max_backoff}")
+        if not timeout > 0 or not deadline > 0 or backoff < 0 or max_backoff < 0:
+            raise ValueError(f"timeout and deadline must be > 0 and backoff, max_backoff >= 0, got {timeout}, "
+                             f"{deadline}, {backoff}, {max_backoff}")
         self.base_url = base_url.rstrip("/")
         self.url = f"{self.base_url}/{route}"
         self.api_key_env = api_key_env
@@ -76,6 +81,24 @@ class _Endpoint:
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.deadline = deadline
+        self.counts: Counter = Counter()  # requests, retries, failures/<kind>, skipped
+        self._counts_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # A lock cannot be pickled (spawned DDP workers, DataLoader workers): the copy makes its own.
+        return {key: value for key, value in self.__dict__.items() if key != "_counts_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _counts_lock=threading.Lock())
+
+    def count(self, name: str, amount: int = 1) -> None:
+        with self._counts_lock:
+            self.counts[name] += amount
+
+    def stats(self) -> dict[str, int]:
+        with self._counts_lock:
+            return dict(self.counts)
 
     def _parallel(self, items: Sequence[T], call: Callable[[T, _Batch], R],
                   on_result: Callable[[int, R], None] | None = None) -> list[R]:
@@ -106,7 +129,8 @@ class _Endpoint:
                         continue
                     try:
                         result = future.result()
-                    except TeacherError:
+                    except TeacherError as err:
+                        batch.fail(err)  # the first failure recorded is raised below
                         for pending in futures:
                             pending.cancel()  # those not started yet; batch.error is raised below
                         continue
@@ -124,7 +148,8 @@ class _Endpoint:
 
     def _post(self, payload: dict, parse: Callable[[bytes], R], batch: _Batch) -> R:
         """POST ``payload`` as JSON to ``self.url`` and return ``parse(body)``, retrying transient failures
-        (``parse`` raising ValueError counts as one); raises TeacherError."""
+        (``parse`` raising ValueError counts as one). Raises TeacherError for a refused request (recorded in
+        ``batch``: the batch stops) and :class:`RetriesExhausted` when the retries run out (the caller decides)."""
         body = json.dumps(payload).encode("utf-8")
         attempts = self.max_retries + 1
         status = None
@@ -132,31 +157,49 @@ class _Endpoint:
             if batch.stopped.is_set():
                 raise TeacherError("not sent: another request of the batch failed")
             retry_after = status = None
+            self.count("requests")
             try:
-                with urllib.request.urlopen(self._request(body), timeout=self.timeout) as response:
-                    data = response.read()
+                data = self._read(body)
             except urllib.error.HTTPError as err:
                 with err:
                     status, message = err.code, self._redact(_error_message(err))
                     if not (status in RETRYABLE_STATUS or status >= 500):
+                        self.count(f"failures/http_{status}")
                         raise batch.fail(TeacherError(f"{self.url} refused the request with HTTP {status}: "
                                                       f"{message}{self._hint(status)}")) from None
-                    failure = f"HTTP {status}: {message}"
+                    failure, kind = f"HTTP {status}: {message}", "http_5xx" if status >= 500 else f"http_{status}"
                     if status in (429, 503):
                         retry_after = retry_after_seconds(err.headers.get("Retry-After"))
             except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
                 # Timeouts, refused / reset / dropped connections. Exceptions are not chained (`from None`): they
                 # would carry the request, and with it the Authorization header.
                 failure = self._redact(f"{type(err).__name__}: {err}")
+                kind = "timeout" if isinstance(err, TimeoutError) or "timed out" in str(err) else "connection"
             else:
                 try:
                     return parse(data)
+                except EmptyAnswer as err:
+                    failure, kind = str(err), "empty"
                 except ValueError as err:
-                    failure = f"malformed response: {err}"
+                    failure, kind = f"malformed response: {err}", "malformed"
+            self.count(f"failures/{kind}")
             if attempt < attempts:
+                self.count("retries")
                 self.sleep(self._delay(attempt, retry_after))
-        raise batch.fail(TeacherError(f"{self.url}: no answer after {attempts} attempt(s); last failure: "
-                                      f"{failure}{self._hint(status)}")) from None
+        raise RetriesExhausted(f"{self.url}: no answer after {attempts} attempt(s); last failure: "
+                               f"{failure}{self._hint(status)}") from None
+
+    def _read(self, body: bytes) -> bytes:
+        """One POST's reply body; ``TimeoutError`` once ``deadline`` seconds have passed since it was sent (the
+        per-operation ``timeout`` alone lets a server that trickles bytes take forever)."""
+        start = time.monotonic()
+        chunks = []
+        with urllib.request.urlopen(self._request(body), timeout=self.timeout) as response:
+            while chunk := response.read1(1 << 16):
+                chunks.append(chunk)
+                if time.monotonic() - start > self.deadline:
+                    raise TimeoutError(f"no complete reply within the deadline of {self.deadline:g} s")
+        return b"".join(chunks)
 
     def _request(self, body: bytes) -> urllib.request.Request:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -196,12 +239,14 @@ class HTTPTeacher(_Endpoint, Teacher):
     Each question is sent as ``{"model", "messages": [system?, user], "temperature", "max_tokens", "top_p",
     "stop"?}``; the answer is ``choices[0].message.content``, stripped.
 
-    Worst case for one question: ``max_retries + 1`` attempts of up to ``timeout`` seconds each (per socket
-    operation), with waits of ``backoff * 2**k`` (``k = 0, 1, ...``, times a random factor in [0.5, 1], at most
-    ``max_backoff``) between them; a 429/503 reply's ``Retry-After`` (seconds or HTTP date, at most
-    ``max_backoff``) replaces the computed wait. Once one question has failed for good, questions not yet sent are
-    dropped and those in flight stop retrying, then :class:`TeacherError` is raised; answers that arrived were
-    reported through ``on_answer``.
+    Worst case for one question: ``max_retries + 1`` attempts of at most ``deadline`` seconds each (and
+    ``timeout`` per socket operation), with waits of ``backoff * 2**k`` (``k = 0, 1, ...``, times a random factor in
+    [0.5, 1], at most ``max_backoff``) between them; a 429/503 reply's ``Retry-After`` (seconds or HTTP date, at
+    most ``max_backoff``) replaces the computed wait. An empty or whitespace-only answer is a failed attempt, like a
+    malformed reply. A question still without an answer after its retries is skipped (None, counted in
+    :meth:`stats`); a refused request (4xx other than 408/409/429: a bad key, an unknown model) stops the batch:
+    questions not yet sent are dropped, those in flight stop retrying, and :class:`TeacherError` is raised (answers
+    that arrived were reported through ``on_answer``).
 
     Args:
         base_url: the API root, e.g. ``http://127.0.0.1:8080/v1`` or ``https://api.openai.com/v1``.
@@ -215,6 +260,7 @@ class HTTPTeacher(_Endpoint, Teacher):
         stop: up to a few strings at which the server ends an answer.
         concurrency: requests in flight at once.
         timeout: seconds each socket operation (connect, send, each read) may take.
+        deadline: seconds one attempt may take in all (a server trickling its reply is cut off and retried).
         max_retries: retries of a question after its first attempt.
         backoff: first retry wait in seconds.
         max_backoff: longest wait between two attempts, ``Retry-After`` included.
@@ -223,11 +269,12 @@ class HTTPTeacher(_Endpoint, Teacher):
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
                  temperature: float = 0.0, max_tokens: int = 64, top_p: float = 1.0,
                  system_prompt: str | None = None, stop: Sequence[str] = (), concurrency: int = 4,
-                 timeout: float = 60.0, max_retries: int = 5, backoff: float = 1.0, max_backoff: float = 30.0):
+                 timeout: float = 60.0, deadline: float = 300.0, max_retries: int = 5, backoff: float = 1.0,
+                 max_backoff: float = 30.0):
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         _Endpoint.__init__(self, base_url, "chat/completions", api_key_env, concurrency, timeout, max_retries,
-                           backoff, max_backoff)
+                           backoff, max_backoff, deadline)
         self.model = model
         self.temperature = temperature
         self.max_tokens = max_tokens
@@ -237,14 +284,23 @@ class HTTPTeacher(_Endpoint, Teacher):
 
     @property
     def identity(self) -> str:
-        """Endpoint, model and request settings (never the key)."""
-        return identity_string("openai-chat", base_url=self.base_url, model=self.model, temperature=self.temperature,
+        """Model and request settings (never the key, nor the host and port: the same server moved to another
+        address keeps its cached answers)."""
+        return identity_string("openai-chat", model=self.model, temperature=self.temperature,
                                max_tokens=self.max_tokens, top_p=self.top_p, system_prompt=self.system_prompt,
                                stop=self.stop)
 
-    def answer(self, questions: list[str], on_answer: AnswerCallback | None = None) -> list[str]:
+    def answer(self, questions: list[str], on_answer: AnswerCallback | None = None) -> list[str | None]:
         """Ask every question, ``concurrency`` at a time (see :meth:`Teacher.answer`)."""
-        return self._parallel(questions, self._ask, on_answer)
+        return self._parallel(questions, self._ask_or_skip, on_answer)
+
+    def _ask_or_skip(self, question: str, batch: _Batch) -> str | None:
+        try:
+            return self._ask(question, batch)
+        except RetriesExhausted as err:
+            self.count("skipped")
+            log.warning("question skipped: %s", err)  # the server's words, with the key redacted
+            return None
 
     def _ask(self, question: str, batch: _Batch) -> str:
         """One question's answer, retrying transient failures; raises TeacherError."""
@@ -302,11 +358,18 @@ def _error_message(err: urllib.error.HTTPError) -> str:
     return str(text).strip()[:MAX_MESSAGE_CHARS] or str(err.reason)
 
 
+class EmptyAnswer(ValueError):
+    """A well-formed reply whose answer is empty or whitespace: no answer, never cached or compared."""
+
+
 def _content(data: bytes) -> str:
-    """``choices[0].message.content`` of a chat-completion reply, stripped; ValueError if there is none."""
+    """``choices[0].message.content`` of a chat-completion reply, stripped; ValueError if there is none
+    (:class:`EmptyAnswer` if it is blank)."""
     try:
-        content = json.loads(data)["choices"][0]["message"]["content"]
-        return content.strip()  # AttributeError: null content (e.g. a tool call)
+        content = json.loads(data)["choices"][0]["message"]["content"].strip()  # AttributeError: null content
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as err:
         raise ValueError(f"expected JSON with a string at choices[0].message.content, got "
                          f"{data[:200].decode('utf-8', errors='replace')!r}") from err
+    if not content:
+        raise EmptyAnswer("the answer is empty")
+    return content

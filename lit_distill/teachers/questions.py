@@ -42,7 +42,7 @@ def generate_questions(teacher: Teacher, topics: Sequence[str], per_topic: int =
         replies = teacher.answer([REQUEST.format(count=per_topic - len(by_topic[topic]), topic=topic)
                                   for topic in wanting])
         for topic, reply in zip(wanting, replies):
-            for question in parse_questions(reply):
+            for question in parse_questions(reply or ""):  # a skipped request (None) gives none this round
                 key = normalise_question(question)
                 if key not in seen and len(by_topic[topic]) < per_topic:
                     seen.add(key)

@@ -165,8 +165,8 @@ class CompletionWriter:
         prompts = self.remaining
         written: set[int] = set()
         with self.output.open("a", encoding="utf-8") as handle:
-            def append(index: int, completion: str) -> None:
-                if index in written:
+            def append(index: int, completion: str | None) -> None:
+                if index in written or completion is None:  # a skipped prompt stays remaining: a rerun asks again
                     return
                 handle.write(json.dumps({"prompt": prompts[index], "completion": completion},
                                         ensure_ascii=False) + "\n")
