@@ -284,7 +284,8 @@ def test_over_long_prompts_are_truncated_skipped_or_refused_as_asked(tmp_path, c
     path = write_jsonl(tmp_path / "prompts.jsonl", rows)
     with caplog.at_level(logging.WARNING):
         truncated = module(path, task="prompts", max_length=64)
-    assert "truncated 4 of 38 rows" in caplog.text and len(truncated.datasets["train"]) == 38
+    assert "4 of 38 examples of" in caplog.text and "were truncated to max_length=64" in caplog.text
+    assert len(truncated.datasets["train"]) == 38
     assert max(len(ids) for ids in truncated.datasets["train"]["prompt_ids"]) == 64
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -292,6 +293,8 @@ def test_over_long_prompts_are_truncated_skipped_or_refused_as_asked(tmp_path, c
     assert "skipped 4 of 38" in caplog.text and len(skipped.datasets["train"]) == 34
     with pytest.raises(DataFileError, match=r"prompts.jsonl' split 'train' row 10: the prompt has \d+ tokens, more than max_length=64"):
         module(path, task="prompts", max_length=64, overlong="error")
+    with pytest.raises(ValueError, match=r"4 of 38 examples .* more than max_truncated_fraction=0.1"):
+        module(path, task="prompts", max_length=64, max_truncated_fraction=0.1)
 
 
 # ---- streaming ------------------------------------------------------------------------------------------------

@@ -225,7 +225,7 @@ def test_long_prompts_keep_their_end_and_are_counted_once_or_raise(tmp_path, cap
     assert train[1]["prompt"].endswith("live?\n<|assistant|>\n")
     assert train[0]["prompt"] == "<|user|>\nWhere does Mara live?\n<|assistant|>\n"  # short ones untouched
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "truncated 2 of 4 prompts of the train split" in warnings[0]
+    assert len(warnings) == 1 and "2 of 4 examples of the train split" in warnings[0]
     assert "prompts.jsonl:2, " in warnings[0] and "prompts.jsonl:4" in warnings[0]  # file lines, blank counted
     with pytest.raises(ValueError, match=r"prompts\.jsonl:2: the prompt has \d+ tokens, more than "
                                          r"max_prompt_length=12 \(truncation='error'\)"):

@@ -213,12 +213,13 @@ def test_examples_whose_answer_does_not_fit_are_counted_and_logged(tmp_path, cap
     articles = copy.deepcopy(ARTICLES)
     articles[0]["paragraphs"][0]["qas"][0]["answers"][0]["text"] = "Ashford " * 40
     dm = SQuADDataModule(source=str(squad_file(tmp_path / "squad.json", articles)), validation_fraction=0.0,
-                         max_length=32)
+                         max_length=32, max_truncated_fraction=1.0)  # q3 fits only with its context cut
     with caplog.at_level(logging.WARNING):
         train = dm.build_split("train")
     assert [e["id"] for e in train] == ["q3"]
     assert "skipped 1 of 2 examples" in caplog.text and "q1" in caplog.text
-    strict = SQuADDataModule(source=dm.hparams.source, validation_fraction=0.0, max_length=32, truncation="error")
+    strict = SQuADDataModule(source=dm.hparams.source, validation_fraction=0.0, max_length=32, truncation="error",
+                             max_truncated_fraction=1.0)
     with pytest.raises(ValueError, match="example 'q1'"):
         strict.build_split("train")
 

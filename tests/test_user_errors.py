@@ -180,3 +180,19 @@ def test_a_failed_run_leaves_no_empty_run_folder(tmp_path):
         with pytest.raises(ValueError, match="a mistake"):
             trainer.fit(FailsAt(fail_at))
         assert Path(logger.log_dir).exists() == kept
+
+
+def test_prompts_cut_to_fit_are_counted_and_too_many_are_an_error(caplog):
+    from lit_distill.data import SQuADPreferenceDataModule
+
+    # DPO pairs whose prompts (a context and a question) do not fit 24 tokens: nearly all would train cut.
+    short = SQuADPreferenceDataModule(embedded_examples=40, max_length=24, batch_size=4, max_examples={"validation": 4})
+    with pytest.raises(ValueError, match=r"40 of 40 examples of the train split of source 'embedded' were truncated "
+                                         r"to max_length=24, "
+                                         r"more than max_truncated_fraction=0.5"):
+        short.setup("fit")
+    accepted = SQuADPreferenceDataModule(embedded_examples=40, max_length=24, batch_size=4,
+                                         max_examples={"validation": 4}, max_truncated_fraction=1.0)
+    with caplog.at_level("WARNING"):
+        accepted.setup("fit")
+    assert "were truncated to max_length=24" in caplog.text

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
+import logging
+
 import lightning as L
 from torch.utils.data import DataLoader
 
 from lit_distill.data.resume import ResumableLoader, ResumableSampler, batches_processed
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 
@@ -26,6 +30,18 @@ class EncodedDataModule(L.LightningDataModule):
     def build_split(self, split: str) -> Sequence[dict]:
         """The encoded examples of ``split`` (one of :data:`SPLITS`)."""
         raise NotImplementedError
+
+    def report_truncation(self, origin: str, truncated: int, total: int, max_length: int) -> None:
+        """Warn that ``truncated`` of ``total`` examples of ``origin`` were cut to ``max_length`` tokens; past the
+        ``max_truncated_fraction`` hyperparameter (default 0.5), refuse: the data does not fit the setting."""
+        if not truncated:
+            return
+        limit = self.hparams.get("max_truncated_fraction", 0.5)
+        message = f"{truncated} of {total} examples of the {origin} were truncated to max_length={max_length}"
+        if truncated > limit * total:
+            raise ValueError(f"{message}, more than max_truncated_fraction={limit}: raise max_length, or "
+                             f"max_truncated_fraction to train on them as cut")
+        log.warning(message)
 
     def collate_fn(self, split: str) -> Optional[Callable[[list[dict]], dict]]:
         """The DataLoader ``collate_fn`` of ``split`` (a picklable callable, for worker processes); None is torch's

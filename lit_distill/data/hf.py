@@ -111,7 +111,8 @@ class HFDataModule(EncodedDataModule):
                  rename_columns: Optional[dict[str, str]] = None, chat_template: Optional[str] = None,
                  max_length: int = 1024, overlong: Overlong = "truncate", assistant_only_loss: bool = True,
                  completion_only_loss: bool = True, packing: bool = False,
-                 max_examples: Optional[dict[str, int]] = None, batch_size: int = 8,
+                 max_examples: Optional[dict[str, int]] = None, max_truncated_fraction: float = 0.5,
+                 batch_size: int = 8,
                  eval_batch_size: Optional[int] = None, num_workers: int = 0, num_proc: Optional[int] = None,
                  cache_dir: Optional[str] = None, streaming: bool = False, shuffle_buffer: int = 10_000,
                  seed: int = 0):
@@ -134,6 +135,8 @@ class HFDataModule(EncodedDataModule):
             completion_only_loss: prompt-completion pairs train on the completion only.
             packing: pack training examples of the sft task into rows of ``max_length`` (see ``data.packing``).
             max_examples: optional cap per split on the rows read, e.g. ``{"train": 1000, "validation": 64}``.
+            max_truncated_fraction: share of a split's rows that ``overlong: truncate`` may cut (counted in a
+                warning); more is an error.
             num_proc: processes for tokenising (``datasets.map``).
             cache_dir: where ``datasets`` keeps loaded and encoded Arrow files (default: its own cache).
             streaming: stream the source instead of loading it (corpora larger than memory or disk): rows are
@@ -283,10 +286,7 @@ class HFDataModule(EncodedDataModule):
             if reason:
                 skips.add(f"row {first_row + index}", reason)
         skips.report(len(encoded))
-        truncated = sum(encoded["truncated"])
-        if truncated:
-            log.warning("truncated %d of %d rows of %s to max_length=%d (overlong: truncate)", truncated,
-                        len(encoded), origin, self.hparams.max_length)
+        self.report_truncation(origin, sum(encoded["truncated"]), len(encoded), self.hparams.max_length)
 
     def prepare_data(self) -> None:
         # Local rank 0 encodes (and caches) every split before the other ranks' setup reads the cache.

@@ -24,7 +24,7 @@ from lit_distill.data import corpus
 from lit_distill.data.base import EncodedDataModule
 from lit_distill.data.chat import format_prompt
 from lit_distill.data.collate import (EncodingError, SkipLog, Truncation, collate_preference,
-                                      encode_preference, holdout)
+                                      encode_preference_ids, holdout, tokenize, tokenize_completion)
 from lit_distill.data.io import DataFileError, find_split_file, read_numbered_jsonl
 from lit_distill.data.squad import DEFAULT_PROMPT_TEMPLATE, SQuADDataModule, SQuADExample
 from lit_distill.models.loading import load_tokenizer
@@ -149,6 +149,16 @@ def corrupt(example: SQuADExample, examples: Sequence[SQuADExample], rng: random
 
 # ---- DataModules ----------------------------------------------------------------------------------------------
 
+def preference_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length: int,
+                    truncation: Truncation) -> dict:
+    """:func:`~lit_distill.data.collate.encode_preference_ids` of the texts, with ``truncated``: whether the prompt
+    was cut to fit."""
+    prompt_ids = tokenize(tokenizer, prompt)
+    pair = encode_preference_ids(prompt_ids, tokenize_completion(tokenizer, chosen),
+                                 tokenize_completion(tokenizer, rejected), max_length, truncation)
+    return {**pair, "truncated": len(pair["prompt_ids"]) < len(prompt_ids)}
+
+
 class SQuADPreferenceDataModule(SQuADDataModule):
     """Pairs (prompt, gold answer, corrupted answer) from SQuAD-style QA; validation pairs from the validation split.
 
@@ -166,8 +176,8 @@ class SQuADPreferenceDataModule(SQuADDataModule):
                  corruptions: Sequence[str] = ("wrong_span", "other_question", "truncated", "shuffled"),
                  corruption_weights: Optional[Sequence[float]] = None, batch_size: int = 8,
                  eval_batch_size: Optional[int] = None, hub_name: str = "squad", validation_fraction: float = 0.05,
-                 embedded_examples: int = 2000, max_examples: Optional[dict[str, int]] = None, num_workers: int = 0,
-                 seed: int = 0):
+                 embedded_examples: int = 2000, max_examples: Optional[dict[str, int]] = None,
+                 max_truncated_fraction: float = 0.5, num_workers: int = 0, seed: int = 0):
         """
         Args:
             corruptions: names from :data:`CORRUPTIONS`: ``wrong_span`` (another value from the context),
@@ -180,7 +190,7 @@ class SQuADPreferenceDataModule(SQuADDataModule):
         """
         super().__init__(source, tokenizer, prompt_template, chat_template, system, max_length, truncation,
                          batch_size, eval_batch_size, hub_name, validation_fraction, embedded_examples, max_examples,
-                         num_workers=num_workers, seed=seed)
+                         max_truncated_fraction=max_truncated_fraction, num_workers=num_workers, seed=seed)
         unknown = [name for name in corruptions if name not in CORRUPTIONS]
         if unknown or not corruptions:
             raise ValueError(f"corruptions must be a non-empty list of {sorted(CORRUPTIONS)}, got {list(corruptions)}")
@@ -200,8 +210,8 @@ class SQuADPreferenceDataModule(SQuADDataModule):
             if corruption is None:
                 raise EncodingError("no corruption applies")
             prompt = self.prompt(example)
-            return encode_preference(self.tokenizer, prompt, self.completion(prompt, example.answers[0]),
-                                     self.completion(prompt, corruption[1]), hp.max_length, hp.truncation)
+            return preference_pair(self.tokenizer, prompt, self.completion(prompt, example.answers[0]),
+                                   self.completion(prompt, corruption[1]), hp.max_length, hp.truncation)
 
         return self.encode_all(split, examples, encode)
 
@@ -246,7 +256,8 @@ class JSONLPreferenceDataModule(EncodedDataModule):
                  system: Optional[str] = None, max_length: int = 256, truncation: Truncation = "left_prompt",
                  on_invalid: Literal["error", "skip"] = "skip", batch_size: int = 8,
                  eval_batch_size: Optional[int] = None, validation_fraction: float = 0.05,
-                 max_examples: Optional[dict[str, int]] = None, num_workers: int = 0, seed: int = 0):
+                 max_examples: Optional[dict[str, int]] = None, max_truncated_fraction: float = 0.5,
+                 num_workers: int = 0, seed: int = 0):
         """
         Args:
             chat_template: ``"none"`` (prompts used as written), ``"default"`` or a Jinja file.
@@ -256,6 +267,8 @@ class JSONLPreferenceDataModule(EncodedDataModule):
                 pair invalid.
             on_invalid: ``"skip"`` (counted and logged) or ``"error"``.
             max_examples: optional cap per split on the lines read, e.g. ``{"validation": 64}``.
+            max_truncated_fraction: share of a split's pairs whose prompt may be cut to fit (counted in a warning);
+                more is an error.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -281,14 +294,15 @@ class JSONLPreferenceDataModule(EncodedDataModule):
         path, rows = self.rows(split)
         rows = rows[:(hp.max_examples or {}).get(split)]
         skips = SkipLog(f"{split} split of '{path}'")
-        encoded = []
+        encoded, truncated = [], 0
         for number, row in rows:
             try:
                 if row["chosen"] == row["rejected"]:
                     raise EncodingError("chosen == rejected")
                 prompt = format_prompt(self.tokenizer, row["prompt"], hp.chat_template, hp.system)
-                pair = encode_preference(self.tokenizer, prompt, row["chosen"], row["rejected"], hp.max_length,
-                                         hp.truncation)
+                pair = preference_pair(self.tokenizer, prompt, row["chosen"], row["rejected"], hp.max_length,
+                                       hp.truncation)
+                truncated += pair.pop("truncated")
             except EncodingError as err:
                 if hp.on_invalid == "error":
                     raise DataFileError(f"{path}:{number}: {err} (on_invalid='error')") from None
@@ -296,6 +310,7 @@ class JSONLPreferenceDataModule(EncodedDataModule):
                 continue
             encoded.append({**pair, "margin": float(row.get("margin", 0.0))})
         skips.report(len(rows))
+        self.report_truncation(f"{split} split of '{path}'", truncated, len(encoded), hp.max_length)
         if split != "test" and not encoded:
             raise ValueError(f"{split} split of '{path}' has no valid preference pairs ({len(rows)} lines read, "
                              f"{len(skips.where)} skipped)")

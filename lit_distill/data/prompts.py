@@ -14,7 +14,6 @@ Shapes: B batch, P prompt length.
 
 from __future__ import annotations
 
-import logging
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,8 +26,6 @@ from lit_distill.data.io import JSONL_SUFFIXES, DataFileError, find_split_file, 
 from lit_distill.data.squad import DEFAULT_PROMPT_TEMPLATE
 from lit_distill.models.loading import load_tokenizer
 from lit_distill.rollout.sampling import left_pad
-
-log = logging.getLogger(__name__)
 
 EMBEDDED = ("arithmetic", "arithmetic_statements", "qa", "text")
 SOURCE_FIELDS = ("text", "prompt")
@@ -144,8 +141,8 @@ class JSONLPromptDataModule(EncodedDataModule):
                  tokenizer: str = "lit-distill/tokenizer", num_embedded: int = 2000, max_operand: int = 10,
                  chat_template: str = "none", system_prompt: Optional[str] = None, max_prompt_length: int = 256,
                  truncation: Truncation = "left_prompt", validation_fraction: float = 0.05,
-                 max_examples: Optional[dict[str, int]] = None, batch_size: int = 8,
-                 eval_batch_size: Optional[int] = None, num_workers: int = 0, seed: int = 0):
+                 max_examples: Optional[dict[str, int]] = None, max_truncated_fraction: float = 0.5,
+                 batch_size: int = 8, eval_batch_size: Optional[int] = None, num_workers: int = 0, seed: int = 0):
         """
         Args:
             path: a ``.jsonl`` file or a directory of split files (exclusive with ``embedded``).
@@ -162,6 +159,8 @@ class JSONLPromptDataModule(EncodedDataModule):
                 ``"error"`` raises instead.
             validation_fraction: share of a single file's lines used for validation.
             max_examples: optional cap per split on the rows read, e.g. ``{"validation": 64}``.
+            max_truncated_fraction: share of a split's prompts that may be truncated (counted in a warning); more is
+                an error.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -223,10 +222,8 @@ class JSONLPromptDataModule(EncodedDataModule):
                 text = self.tokenizer.decode(ids)
                 truncated.append(where)
             encoded.append({"prompt_ids": ids, "prompt": text, **columns})
-        if truncated:
-            log.warning("truncated %d of %d prompts of the %s split of %s to their last %d tokens (max_prompt_length);"
-                        " first: %s", len(truncated), len(rows), split, origin, hp.max_prompt_length,
-                        ", ".join(truncated[:5]))
+        self.report_truncation(f"{split} split of {origin} (their last tokens kept; first: "
+                               f"{', '.join(truncated[:5])})", len(truncated), len(rows), hp.max_prompt_length)
         if split != "test" and not encoded:
             raise ValueError(f"{split} split of {origin} has no prompts")
         return encoded

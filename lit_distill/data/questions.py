@@ -95,8 +95,8 @@ class QuestionDataModule(JSONLPromptDataModule):
                  prompt_template: str = DEFAULT_PROMPT_TEMPLATE, num_embedded: int = 2000, max_operand: int = 10,
                  chat_template: str = "none", system_prompt: Optional[str] = None, max_prompt_length: int = 256,
                  truncation: Truncation = "left_prompt", validation_fraction: float = 0.05,
-                 max_examples: Optional[dict[str, int]] = None, batch_size: int = 8,
-                 eval_batch_size: Optional[int] = None, num_workers: int = 0, seed: int = 0):
+                 max_examples: Optional[dict[str, int]] = None, max_truncated_fraction: float = 0.5,
+                 batch_size: int = 8, eval_batch_size: Optional[int] = None, num_workers: int = 0, seed: int = 0):
         if embedded is not None and embedded not in EMBEDDED_QUESTIONS:
             raise ValueError(f"embedded questions must be one of {EMBEDDED_QUESTIONS}, got '{embedded}'")
         if format not in FORMATS:
@@ -104,7 +104,8 @@ class QuestionDataModule(JSONLPromptDataModule):
         super().__init__(path=path, embedded=embedded, tokenizer=tokenizer, num_embedded=num_embedded,
                          max_operand=max_operand, chat_template=chat_template, system_prompt=system_prompt,
                          max_prompt_length=max_prompt_length, truncation=truncation,
-                         validation_fraction=validation_fraction, max_examples=max_examples, batch_size=batch_size,
+                         validation_fraction=validation_fraction, max_examples=max_examples,
+                         max_truncated_fraction=max_truncated_fraction, batch_size=batch_size,
                          eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
         self.save_hyperparameters()
 

@@ -13,7 +13,7 @@ from lit_distill.data import corpus
 from lit_distill.data.base import SPLITS, EncodedDataModule
 from lit_distill.data.chat import format_prompt
 from lit_distill.data.collate import (EncodingError, SkipLog, TooLongError, Truncation, collate_sft,
-                                      encode_pair, holdout)
+                                      encode_pair_ids, holdout, tokenize, tokenize_completion)
 from lit_distill.data.io import DataFileError, read_utf8
 from lit_distill.data.packing import PackedDataset, best_fit_decreasing, collate_packed, packing_summary
 from lit_distill.models.loading import load_tokenizer
@@ -111,8 +111,8 @@ class SQuADDataModule(EncodedDataModule):
                  system: Optional[str] = None, max_length: int = 256, truncation: Truncation = "left_prompt",
                  batch_size: int = 8, eval_batch_size: Optional[int] = None, hub_name: str = "squad",
                  validation_fraction: float = 0.05, embedded_examples: int = 2000,
-                 max_examples: Optional[dict[str, int]] = None, packing: bool = False, num_workers: int = 0,
-                 seed: int = 0):
+                 max_examples: Optional[dict[str, int]] = None, packing: bool = False,
+                 max_truncated_fraction: float = 0.5, num_workers: int = 0, seed: int = 0):
         """
         Args:
             tokenizer: tokenizer name or path, loaded with ``load_tokenizer``.
@@ -128,6 +128,8 @@ class SQuADDataModule(EncodedDataModule):
             packing: pack the training examples into rows of up to ``max_length`` tokens by best-fit decreasing
                 (``data.packing``): batches then also carry ``position_ids``, and no padding between examples is
                 computed. Evaluation stays unpacked (its prompts are generated from row by row).
+            max_truncated_fraction: share of a split's examples whose prompt may be cut to fit (counted in a
+                warning); more is an error.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -182,9 +184,11 @@ class SQuADDataModule(EncodedDataModule):
 
     def encode_all(self, split: str, examples: list, encode: Callable[[Any], dict]) -> list[dict]:
         """``encode`` every example; one raising ``EncodingError`` is skipped (counted in one warning), except
-        that an over-long one raises with ``truncation="error"``. An empty train or validation split raises."""
-        skips = SkipLog(f"{split} split of source '{self.hparams.source}'")
-        encoded = []
+        that an over-long one raises with ``truncation="error"``. Examples whose prompt was cut (``encode`` sets
+        ``truncated``) are counted, up to ``max_truncated_fraction``. An empty train or validation split raises."""
+        origin = f"{split} split of source '{self.hparams.source}'"
+        skips = SkipLog(origin)
+        encoded, truncated = [], 0
         for example in examples:
             try:
                 encoded.append(encode(example))
@@ -192,7 +196,10 @@ class SQuADDataModule(EncodedDataModule):
                 if isinstance(err, TooLongError) and self.hparams.truncation == "error":
                     raise ValueError(f"example '{example.id}' of the {split} split: {err}") from err
                 skips.add(example.id, str(err))
+                continue
+            truncated += encoded[-1].pop("truncated")
         skips.report(len(examples))
+        self.report_truncation(origin, truncated, len(encoded), self.hparams.max_length)
         if split != "test" and not encoded:
             raise ValueError(f"{split} split of source '{self.hparams.source}' is empty ({len(examples)} examples "
                              f"read, {len(skips.where)} skipped)")
@@ -201,9 +208,11 @@ class SQuADDataModule(EncodedDataModule):
     def build_split(self, split: str) -> list[dict]:
         def encode(example: SQuADExample) -> dict:
             prompt = self.prompt(example)
-            pair = encode_pair(self.tokenizer, prompt, self.completion(prompt, example.answers[0]),
-                               self.hparams.max_length, self.hparams.truncation)
-            return {**pair, "id": example.id, "answers": list(example.answers)}
+            prompt_ids = tokenize(self.tokenizer, prompt)
+            pair = encode_pair_ids(prompt_ids, tokenize_completion(self.tokenizer, self.completion(
+                prompt, example.answers[0])), self.hparams.max_length, self.hparams.truncation)
+            return {**pair, "id": example.id, "answers": list(example.answers),
+                    "truncated": len(pair["prompt_ids"]) < len(prompt_ids)}
 
         encoded = self.encode_all(split, self.examples(split), encode)
         if split != "train" or not self.hparams.packing:
