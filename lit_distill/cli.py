@@ -26,6 +26,7 @@ import lit_distill.data  # noqa: F401  (registers the DataModules for short clas
 import lit_distill.modules  # noqa: F401  (registers the LightningModules)
 from lit_distill.callbacks.cleanup import RemoveEmptyRunFolder
 from lit_distill.checkpoints import check_resume, check_save_dir
+from lit_distill.checks import require
 from lit_distill.errors import SIGTERM_EXIT_CODE, concise, debugging, exit_with, user_error_message
 
 
@@ -115,6 +116,11 @@ class LitDistillCLI(LightningCLI):
             config = self.config[self.subcommand]
         if self.subcommand == "fit":
             check_save_dir(config.model.get("init_args", {}).get("save_dir"), config.overwrite_save_dir)
+        trainer = config.get("trainer") or {}
+        require(trainer.get("accumulate_grad_batches", 1) >= 1, "trainer.accumulate_grad_batches",
+                trainer.get("accumulate_grad_batches"), ">= 1")
+        require((trainer.get("gradient_clip_val") or 0) >= 0, "trainer.gradient_clip_val",
+                trainer.get("gradient_clip_val"), ">= 0 or null")
 
     def _add_instantiators(self) -> None:
         self.parser.add_instantiator(_TopLevelInstantiator(cli=self, key="model"), L.LightningModule, subclasses=True)

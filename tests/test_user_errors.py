@@ -196,3 +196,22 @@ def test_prompts_cut_to_fit_are_counted_and_too_many_are_an_error(caplog):
     with caplog.at_level("WARNING"):
         accepted.setup("fit")
     assert "were truncated to max_length=24" in caplog.text
+
+
+def test_trainer_ranges_are_checked_before_anything_is_built():
+    with pytest.raises(ValueError, match="trainer.accumulate_grad_batches must be >= 1, got 0"):
+        LitDistillCLI(args=["fit", "--config", SFT, "--trainer.accumulate_grad_batches", "0"])
+
+
+def test_export_from_a_folder_that_is_no_model_or_onto_a_file_is_one_clear_error(tmp_path):
+    from lit_distill.export import EXPORT_ERRORS, export
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("not a model")
+    with pytest.raises(EXPORT_ERRORS, match="is a directory without config.json, not a saved model"):
+        export(str(notes), str(tmp_path / "out"), ["merged"])
+    existing = tmp_path / "taken"
+    existing.write_text("")
+    with pytest.raises(EXPORT_ERRORS, match="--output '.*taken' is a file"):
+        export("lit-distill/tiny-teacher", str(existing), ["merged"])

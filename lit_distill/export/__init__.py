@@ -55,6 +55,8 @@ def export(source: str, output_dir: str, formats: list[str], dtype: str = "float
         check_gguf_types(list(gguf_types))
     if "merged-4bit" in formats:
         check_merged_4bit()
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise ExportError(f"--output '{output_dir}' is a file; the export needs a directory (created if missing)")
     model, tokenizer = load_trained_model(source)
     try:
         tokenizer.chat_template = resolve_chat_template(tokenizer, chat_template)

@@ -347,6 +347,10 @@ def load_trained_model(source: str, dtype: str = "float32") -> tuple[nn.Module, 
             (len(path.parts) > 2)  # a hub id has at most one '/'
         if source not in ALIASES and looks_local and not path.exists():
             raise ModelSourceError(f"model path '{source}' does not exist")
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ModelSourceError(f"'{source}' is a directory without config.json, not a saved model: expected a "
+                                   f"save_pretrained directory, an adapter directory (adapter_config.json), a "
+                                   f"Lightning .ckpt, a .gguf file, a hub id or an alias")
         try:
             tokenizer = load_tokenizer(source)
             model = build_model(ModelSpec(name_or_path=source, dtype=dtype), tokenizer)
