@@ -184,7 +184,8 @@ def test_a_run_stopped_after_a_mid_epoch_checkpoint_resumes_to_the_same_losses_a
     checkpoint = max(checkpoints.glob("*.ckpt"), key=lambda path: int(path.stem.split("step=")[1]))
     step = int(checkpoint.stem.split("step=")[1])
     assert 10 <= step < 30
-    resumed = launch(tmp_path, "resumed", "--ckpt_path", str(checkpoint))
+    # Its own save_dir and log folder: a difference from the checkpoint's run that the config is told to win.
+    resumed = launch(tmp_path, "resumed", "--ckpt_path", str(checkpoint), "--resume_config", "config")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
     expected, found = logged(tmp_path, "uninterrupted"), logged(tmp_path, "resumed")
     later = {key: value for key, value in expected.items() if key[1] >= step}
