@@ -121,6 +121,12 @@ class LitDistillCLI(LightningCLI):
                 trainer.get("accumulate_grad_batches"), ">= 1")
         require((trainer.get("gradient_clip_val") or 0) >= 0, "trainer.gradient_clip_val",
                 trainer.get("gradient_clip_val"), ">= 0 or null")
+        if config.get("data") is not None and config.get("model") is not None:
+            # The DataModule's argument checks, before the model's weights load (LightningCLI builds the model
+            # first): a DataModule's constructor only checks and loads a tokenizer, so building it twice is cheap.
+            data_only = self.config.clone()
+            data_only[self.subcommand].model = None
+            self.parser.instantiate_classes(data_only)
 
     def _add_instantiators(self) -> None:
         self.parser.add_instantiator(_TopLevelInstantiator(cli=self, key="model"), L.LightningModule, subclasses=True)

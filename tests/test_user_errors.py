@@ -215,3 +215,11 @@ def test_export_from_a_folder_that_is_no_model_or_onto_a_file_is_one_clear_error
     existing.write_text("")
     with pytest.raises(EXPORT_ERRORS, match="--output '.*taken' is a file"):
         export("lit-distill/tiny-teacher", str(existing), ["merged"])
+
+
+def test_data_arguments_are_checked_before_the_model_is_built():
+    # The policy names no model: had it been built first, that would be the error.
+    with pytest.raises(ValueError, match="embedded must be one of"):
+        LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/grpo/quickstart.yaml"),
+                            "--model.init_args.policy.name_or_path", "/nonexistent/model",
+                            "--data.init_args.embedded", "nope"])
