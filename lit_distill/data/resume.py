@@ -12,12 +12,11 @@ integers, exact with any number of workers.
   the batches already processed in that epoch (the curriculum's sampler restores its draws instead).
 * :class:`StreamingLoader` (a ``datasets.IterableDataset``, a corpus streamed, never held in memory): the state is
   the stream's own ``state_dict()`` noted before each batch is fetched. ``datasets`` restores a stream to a shard
-  and an offset in it;
-examples held in a shuffle buffer at that moment are not restored (its documented limit), so a resumed stream is
-exact with ``shuffle_buffer: 0`` and continues from the same position with a buffer.
-
-Positions are tracked in the main process: with ``num_workers > 0`` each worker streams its own shards and the
-main process cannot see where they are, so such a loader records no position (a warning says so).
+  and an offset in it; examples held in a shuffle buffer at that moment are not restored (its documented limit),
+  so a resumed stream is exact with ``shuffle_buffer: 0`` and continues from the same position with a buffer.
+  Positions are tracked in the main process: with ``num_workers > 0`` each worker streams its own shards and the
+  main process cannot see where they are, so such a loader records no position (a warning says so). Under DDP
+  every rank's position is saved, and each rank resumes its own (the same number of ranks is needed).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
+import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,20 @@ class StreamingLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict:
-        return {"position": self._positions.get(self.batches_done())}
+        # Each rank streams its own shards, and Lightning saves one loader state (rank 0's): gather every rank's
+        # position (a collective: Lightning builds the checkpoint on every rank), each rank loads its own.
+        position = self._positions.get(self.batches_done())
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return {"positions": [position]}
+        positions = [None] * dist.get_world_size()
+        dist.all_gather_object(positions, position)
+        return {"positions": positions}
 
     def load_state_dict(self, state: dict) -> None:
-        position: Optional[dict] = state.get("position")
-        if position is not None:
-            self.dataset.load_state_dict(position)
+        positions = state.get("positions") or [None]
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if len(positions) != (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1):
+            log.warning("the checkpoint's stream positions are of %d ranks, this run has another number: the "
+                        "stream restarts its epoch", len(positions))
+        elif positions[rank] is not None:
+            self.dataset.load_state_dict(positions[rank])
