@@ -166,12 +166,20 @@ def logged(tmp_path: Path, name: str) -> dict[tuple[str, int], str]:
             if value and key not in ("step", "epoch") and not key.startswith("perf/")}
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The metrics of the run the stopped ones are compared with."""
+    directory = tmp_path_factory.mktemp("uninterrupted")
+    process = launch(directory, "uninterrupted")
+    assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
+    return logged(directory, "uninterrupted")
+
+
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_a_run_stopped_after_a_mid_epoch_checkpoint_resumes_to_the_same_losses_and_metrics(tmp_path, stop):
+def test_a_run_stopped_after_a_mid_epoch_checkpoint_resumes_to_the_same_losses_and_metrics(tmp_path, stop,
+                                                                                            uninterrupted):
     """SIGKILL: resume from the last periodic checkpoint. SIGTERM (a scheduler's preemption): the run saves a
     checkpoint where it stopped (save_on_exception), exits 143, and resumes from there."""
-    uninterrupted = launch(tmp_path, "uninterrupted")
-    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read()[-3000:]
     stopped = launch(tmp_path, "stopped")
     checkpoints = tmp_path / "stopped" / "checkpoints"
     deadline = time.monotonic() + 300
@@ -187,8 +195,56 @@ def test_a_run_stopped_after_a_mid_epoch_checkpoint_resumes_to_the_same_losses_a
     # Its own save_dir and log folder: a difference from the checkpoint's run that the config is told to win.
     resumed = launch(tmp_path, "resumed", "--ckpt_path", str(checkpoint), "--resume_config", "config")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
-    expected, found = logged(tmp_path, "uninterrupted"), logged(tmp_path, "resumed")
-    later = {key: value for key, value in expected.items() if key[1] >= step}
+    found = logged(tmp_path, "resumed")
+    later = {key: value for key, value in uninterrupted.items() if key[1] >= step}
     assert {key for key in later if key[0] == "train/loss"} == {("train/loss", index) for index in range(step, 30)}
     assert ("val/loss", 29) in later
     assert found == later  # every later loss and metric, to the last digit
+
+
+DDP_OVERLAY = """
+trainer:
+  devices: 2
+  strategy: ddp
+  enable_progress_bar: false
+  max_steps: 14
+  val_check_interval: 7
+  log_every_n_steps: 1
+  enable_checkpointing: true
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: {logs}, name: {name}}}
+model:
+  init_args:
+    model:
+      config: {{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,
+               num_attention_heads: 4, num_key_value_heads: 4, max_position_embeddings: 512}}
+    save_dir: {logs}/{name}/model
+data:
+  init_args: {{embedded_examples: 200, batch_size: 4, max_examples: {{validation: 8}}}}
+"""
+
+
+@pytest.mark.slow  # three 2-process runs: ~90 s on 2 cores
+def test_two_process_ddp_resumes_from_a_mid_epoch_checkpoint_to_the_same_weights(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    def fit(name: str, *extra: str) -> None:
+        overlay = tmp_path / f"{name}.yaml"
+        overlay.write_text(DDP_OVERLAY.format(logs=tmp_path, name=name))
+        result = subprocess.run([sys.executable, "-m", "lit_distill", "fit", "--config", "configs/sft/quickstart.yaml",
+                                 "--config", str(overlay), *extra], cwd=ROOT, capture_output=True, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    checkpoints = tmp_path / "checkpoints.yaml"
+    checkpoints.write_text(f"trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+                           f"      init_args: {{dirpath: {tmp_path / 'ckpt'}, every_n_train_steps: 5, "
+                           f"save_top_k: -1}}\n")
+    fit("uninterrupted", "--config", str(checkpoints))
+    fit("resumed", "--ckpt_path", str(tmp_path / "ckpt" / "epoch=0-step=5.ckpt"), "--resume_config", "config")
+    expected, found = logged(tmp_path, "uninterrupted"), logged(tmp_path, "resumed")
+    assert found and found == {key: value for key, value in expected.items() if key[1] >= 5}
+    weights = [AutoModelForCausalLM.from_pretrained(tmp_path / name / "model").state_dict()
+               for name in ("uninterrupted", "resumed")]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])

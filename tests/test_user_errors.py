@@ -2,20 +2,18 @@
 directory that does not exist: reaching the model build would raise another error), and at the command line one
 message, exit code 2 and no traceback."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from lit_distill.cli import LitDistillCLI
+from lit_distill.cli import LitDistillCLI, main
 from lit_distill.data.io import DataFileError, read_jsonl
 from lit_distill.models.loading import ModelSpec
 from lit_distill.modules import AgentModule, DistillModule, DPOModule, GRPOModule, PPOModule, RewardModule, SFTModule
 
 ROOT = Path(__file__).resolve().parent.parent
 MISSING = ModelSpec(name_or_path="/nonexistent/model")
+GRPO = str(ROOT / "configs/grpo/quickstart.yaml")
 
 
 @pytest.mark.parametrize("module, arguments, message", [
@@ -43,26 +41,28 @@ def test_out_of_range_arguments_fail_before_any_model_is_built(module, arguments
         module(**models, **arguments)
 
 
-def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lit_distill", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    """``python -m lit_distill ARGS`` in this process: (exit code, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    return exit_info.value.code, capsys.readouterr().err
 
 
-def test_a_cli_mistake_is_one_message_with_exit_code_2_and_no_traceback():
-    result = cli("fit", "--config", "configs/grpo/quickstart.yaml", "--model.init_args.beta", "-0.5")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "error: beta must be >= 0 (the KL coefficient; 0 drops the reference), got -0.5" in result.stderr
-    debug = cli("fit", "--config", "configs/grpo/quickstart.yaml", "--model.init_args.beta", "-0.5",
-                LIT_DISTILL_DEBUG="1")
-    assert debug.returncode != 0 and "Traceback" in debug.stderr  # the switch shows where it came from
+def test_a_cli_mistake_is_one_message_with_exit_code_2_and_no_traceback(capsys, monkeypatch):
+    code, err = run_main(capsys, "fit", "--config", GRPO, "--model.init_args.beta", "-0.5")
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("error: beta must be >= 0 (the KL coefficient; 0 drops the reference), got -0.5\n")
+    monkeypatch.setenv("LIT_DISTILL_DEBUG", "1")  # the switch: the exception itself, with its traceback
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        main(["fit", "--config", GRPO, "--model.init_args.beta", "-0.5"])
 
 
-def test_a_config_parse_error_keeps_only_the_alternative_that_failed():
-    result = cli("fit", "--config", "configs/grpo/quickstart.yaml", "--model.init_args.betaa", "1")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+def test_a_config_parse_error_keeps_only_the_alternative_that_failed(capsys):
+    code, err = run_main(capsys, "fit", "--config", GRPO, "--model.init_args.betaa", "1")
+    assert code == 2 and "Traceback" not in err
     assert ("error: Parser key \"model\": Problem with given class_path 'lit_distill.modules.GRPOModule': "
-            "Option 'betaa' is not accepted") in result.stderr
-    assert "NoneType" not in result.stderr and "Given value" not in result.stderr and "usage:" not in result.stderr
+            "Option 'betaa' is not accepted") in err
+    assert "NoneType" not in err and "Given value" not in err and "usage:" not in err
 
 
 def test_a_byte_that_is_not_utf8_names_its_file_and_line(tmp_path):
@@ -220,6 +220,6 @@ def test_export_from_a_folder_that_is_no_model_or_onto_a_file_is_one_clear_error
 def test_data_arguments_are_checked_before_the_model_is_built():
     # The policy names no model: had it been built first, that would be the error.
     with pytest.raises(ValueError, match="embedded must be one of"):
-        LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/grpo/quickstart.yaml"),
+        LitDistillCLI(args=["fit", "--config", str(ROOT / GRPO),
                             "--model.init_args.policy.name_or_path", "/nonexistent/model",
                             "--data.init_args.embedded", "nope"])
