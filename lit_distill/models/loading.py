@@ -16,6 +16,7 @@ import copy
 import importlib.util
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -107,8 +108,19 @@ def resolve_source(name_or_path: str, gguf_file: Optional[str] = None) -> tuple[
 
 def load_tokenizer(source: str, gguf_file: Optional[str] = None, trust_remote_code: bool = False,
                    revision: Optional[str] = None) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and make sure it has a pad token (eos when the model defines none)."""
+    """Load a tokenizer and make sure it has a pad token (eos when the model defines none).
+
+    Each call returns its own copy, but the files are read once per process (and again when a local source
+    changes): a DataModule and its module load the same tokenizer, and parsing a GGUF file's takes seconds."""
     where, gguf_file = resolve_source(source, gguf_file)
+    local = Path(where) / (gguf_file or "")
+    modified = local.stat().st_mtime_ns if local.exists() else None
+    return copy.deepcopy(_read_tokenizer(source, where, gguf_file, trust_remote_code, revision, modified))
+
+
+@lru_cache(maxsize=16)
+def _read_tokenizer(source: str, where: str, gguf_file: Optional[str], trust_remote_code: bool,
+                    revision: Optional[str], modified: Optional[int]) -> PreTrainedTokenizerBase:
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, revision=revision, **kwargs)
