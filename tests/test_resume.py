@@ -15,12 +15,13 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lit_distill.callbacks import Autocurriculum
-from lit_distill.data import (CurriculumDataModule, DialogDataModule, JSONLPromptDataModule, SQuADDataModule,
-                              SQuADPreferenceDataModule, WikiTextDataModule)
+from lit_distill.data import (CurriculumDataModule, DialogDataModule, JSONLPromptDataModule, QuestionDataModule,
+                              SQuADDataModule, SQuADPreferenceDataModule, WikiTextDataModule)
 from lit_distill.data.curriculum import CurriculumSampler
 from lit_distill.models.loading import ModelSpec
-from lit_distill.modules import DistillModule, DPOModule, GRPOModule, SFTModule
+from lit_distill.modules import AgentModule, DistillModule, DPOModule, GRPOModule, PPOModule, RewardModule, SFTModule
 from lit_distill.rewards import ArithmeticReward
+from lit_distill.teachers import LocalTeacher
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -75,6 +76,18 @@ CASES = {
                                 max_new_tokens=4),
              lambda: JSONLPromptDataModule(embedded="arithmetic_statements", num_embedded=40, batch_size=4,
                                            max_examples={"validation": 4})),
+    "ppo": (lambda: PPOModule(ModelSpec("lit-distill/tiny-teacher"), [ArithmeticReward()], max_new_tokens=4,
+                              ppo_epochs=1),
+            lambda: JSONLPromptDataModule(embedded="arithmetic_statements", num_embedded=40, batch_size=4,
+                                          max_examples={"validation": 4})),
+    "reward": (lambda: RewardModule(student()),
+               lambda: SQuADPreferenceDataModule(embedded_examples=40, max_length=96, batch_size=4,
+                                                 max_examples={"validation": 4})),
+    "agent": (lambda: AgentModule(ModelSpec(tokenizer="lit-distill/tiny-teacher", config=TINY),
+                                  LocalTeacher(ModelSpec("lit-distill/tiny-teacher"), max_new_tokens=4,
+                                               chat_template="none", stop_strings=["."]), max_new_tokens=4),
+              lambda: QuestionDataModule(embedded="arithmetic_statements", tokenizer="lit-distill/tiny-teacher",
+                                         num_embedded=40, batch_size=4, max_examples={"validation": 4})),
 }
 
 
