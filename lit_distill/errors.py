@@ -1,8 +1,8 @@
 """User errors at the command line: one message, exit code 2, no traceback (``LIT_DISTILL_DEBUG=1`` shows it).
 
 What counts as the user's: a ``ValueError`` (the package's checks, ``DataFileError``, the config parser's type
-errors) or a missing, existing or forbidden file, found at the root of the exception's cause chain. Anything else is
-a bug and keeps its traceback.
+errors), a missing, existing or forbidden file, or a teacher that cannot answer, found at the root of the
+exception's cause chain. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,10 +12,14 @@ import re
 import sys
 from typing import Optional
 
+from lit_distill.teachers.base import TeacherError
+
 DEBUG_ENV = "LIT_DISTILL_DEBUG"
 SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
+# TeacherError: a teacher that refuses requests or leaves too many questions unanswered; its message says what
+# to do, and a traceback would add nothing.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+               PermissionError, TeacherError)
 # Lines of jsonargparse's union report that say nothing about the mistake: the alternatives that were not meant
 # (``Expected a <class 'NoneType'>``), the list of subtypes, and a dump of the whole value.
 _NOISE = re.compile(r"^\s*(- Expected a <class 'NoneType'>|Does not validate against any of the Union subtypes"
