@@ -176,16 +176,16 @@ def test_a_missing_source_names_the_path(tmp_path):
 
 
 def test_encoding_is_cached_by_fingerprint(examples, monkeypatch):
-    module(examples / "messages.jsonl", max_length=96)
+    module(examples / "messages.jsonl", max_length=96, max_truncated_fraction=1.0)  # short rows: quick to encode
 
     def fail(self, batch, indices):
         raise AssertionError("re-tokenised")
 
     monkeypatch.setattr(Encoder, "__call__", fail)
-    again = module(examples / "messages.jsonl", max_length=96)  # read from the cache: the encoder is not called
+    again = module(examples / "messages.jsonl", max_length=96, max_truncated_fraction=1.0)  # read from the cache: the encoder is not called
     assert len(again.datasets["train"]) == 57
     with pytest.raises(AssertionError, match="re-tokenised"):  # other settings, another fingerprint
-        module(examples / "messages.jsonl", max_length=97)
+        module(examples / "messages.jsonl", max_length=97, max_truncated_fraction=1.0)
 
 
 def test_another_process_reads_the_cache_as_ddp_ranks_and_later_runs_do(examples, tmp_path):
@@ -195,13 +195,13 @@ def test_another_process_reads_the_cache_as_ddp_ranks_and_later_runs_do(examples
     import subprocess
     import sys
 
-    module(examples / "messages.jsonl", max_length=80, cache_dir=str(tmp_path))
+    module(examples / "messages.jsonl", max_length=80, max_truncated_fraction=1.0, cache_dir=str(tmp_path))
     script = ("from lit_distill.data.formats import Encoder\n"
               "def fail(*args): raise AssertionError('re-tokenised')\n"
               "Encoder.__call__ = fail\n"
               "from lit_distill.data import HFDataModule\n"
               f"data = HFDataModule({str(examples / 'messages.jsonl')!r}, task='sft', chat_template='default', "
-              f"max_length=80, batch_size=4, cache_dir={str(tmp_path)!r})\n"
+              f"max_length=80, max_truncated_fraction=1.0, batch_size=4, cache_dir={str(tmp_path)!r})\n"
               "data.setup('fit')\n"
               "print(len(data.datasets['train']))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy())
@@ -210,8 +210,8 @@ def test_another_process_reads_the_cache_as_ddp_ranks_and_later_runs_do(examples
 
 
 def test_several_processes_encode_the_same_rows(examples):
-    one, two = module(examples / "messages.jsonl", max_length=90), module(examples / "messages.jsonl", max_length=90,
-                                                                          num_proc=2)
+    one = module(examples / "messages.jsonl", max_length=90, max_truncated_fraction=1.0)
+    two = module(examples / "messages.jsonl", max_length=90, max_truncated_fraction=1.0, num_proc=2)
     assert one.datasets["train"]["labels"] == two.datasets["train"]["labels"]
 
 
