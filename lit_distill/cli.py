@@ -201,6 +201,10 @@ def main(args=None) -> None:
     ``validate``, ...). A user error ends the run with one message and exit code 2 (see :mod:`lit_distill.errors`)."""
     try:
         _dispatch(sys.argv[1:] if args is None else args, args)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Lightning leaves the DDP process group up; torn down at interpreter exit instead, gloo's threads
+            # can abort the process ("terminate called without an active exception") after a finished run.
+            torch.distributed.destroy_process_group()
     except SIGTERMException:
         # Lightning stops a SIGTERM'd fit cleanly (a ModelCheckpoint with save_on_exception writes a checkpoint
         # first) and would exit 0: a scheduler must see that the run did not finish.
