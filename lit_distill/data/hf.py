@@ -163,6 +163,7 @@ class HFDataModule(EncodedDataModule):
         self.task = task
         self.formats: dict[str, str] = {}  # split -> the format detected (or forced) for it
         self._source = None
+        self._encoded: dict = {}  # split -> encoded rows (None: no such split)
 
     # ---- what to read --------------------------------------------------------------------------------------
     def resolved_task(self) -> str:
@@ -239,7 +240,13 @@ class HFDataModule(EncodedDataModule):
 
     # ---- encoding ------------------------------------------------------------------------------------------
     def encoded(self, split: str):
-        """``split`` encoded for the task (read from the cache when it was encoded before), skips dropped."""
+        """``split`` encoded for the task (read from the cache when it was encoded before), skips dropped; once
+        per instance, so that ``setup`` after ``prepare_data`` neither re-reads the cache nor warns again."""
+        if split not in self._encoded:
+            self._encoded[split] = self._encode(split)
+        return self._encoded[split]
+
+    def _encode(self, split: str):
         import datasets
         from datasets.fingerprint import Hasher
 
