@@ -10,9 +10,6 @@ from typing import Any, Optional
 
 import torch
 
-RESUME_CHOICES = ("checkpoint", "config")
-
-
 def read_checkpoint_hparams(path: str) -> tuple[dict, dict]:
     """The model's and the DataModule's saved hyperparameters of a Lightning checkpoint.
 
@@ -62,7 +59,8 @@ def check_resume(ckpt_path: str, model: dict, data: Optional[dict], resume_confi
     listed = differences(saved_model, model.get("init_args") or {}, "model.init_args")
     if data is not None and saved_data:
         if saved_data.get("_class_path") not in (None, data.get("class_path")):
-            listed.append(f"data.class_path: checkpoint {saved_data['_class_path']!r}, config {data.get('class_path')!r}")
+            listed.append(f"data.class_path: checkpoint {saved_data['_class_path']!r}, "
+                          f"config {data.get('class_path')!r}")
         else:
             listed += differences(saved_data, data.get("init_args") or {}, "data.init_args")
     if listed and resume_config is None:

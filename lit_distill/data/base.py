@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
-
 import logging
+from typing import Callable, Optional, Sequence
 
 import lightning as L
 from torch.utils.data import DataLoader

@@ -142,8 +142,9 @@ class CurriculumSampler(DistributedSampler):
     Resuming: the sampler notes its position before each draw (generator state, cursors, cycles, samples drawn) and
     the weights it drew with. ``state_at(k)`` is the position before batch ``k`` plus the weights of the batches
     from ``k`` on that were already drawn: DataLoader workers (and prefetching) draw ahead of the step being
-    trained, so those batches saw older weights than the checkpoint holds. After ``load_state``, the epoch continues from batch
-    ``k`` with those weights, then the live ones: the draws of the uninterrupted run, from any checkpoint.
+    trained, so those batches saw older weights than the checkpoint holds. After ``load_state``, the epoch
+    continues from batch ``k`` with those weights, then the live ones: the draws of the uninterrupted run, from any
+    checkpoint.
 
     A subclass of DistributedSampler so that Lightning sees sharding done and does not wrap it.
     """

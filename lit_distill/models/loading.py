@@ -123,7 +123,8 @@ def _read_tokenizer(source: str, where: str, gguf_file: Optional[str], trust_rem
                     revision: Optional[str], modified: Optional[int]) -> PreTrainedTokenizerBase:
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, revision=revision, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, revision=revision,
+                                                  **kwargs)
     except OSError as err:
         raise OSError(f"could not load a tokenizer from '{source}' (local directory or hub id): {err}") from err
     if tokenizer.pad_token is None:
