@@ -122,11 +122,14 @@ class LitDistillCLI(LightningCLI):
         require((trainer.get("gradient_clip_val") or 0) >= 0, "trainer.gradient_clip_val",
                 trainer.get("gradient_clip_val"), ">= 0 or null")
         if config.get("data") is not None and config.get("model") is not None:
-            # The DataModule's argument checks, before the model's weights load (LightningCLI builds the model
-            # first): a DataModule's constructor only checks and loads a tokenizer, so building it twice is cheap.
+            # The DataModule's argument and data checks, before the model's weights load (LightningCLI builds the
+            # model first): a DataModule's constructor only checks and loads a tokenizer, and check_rows reads no
+            # more than a few rows or cheap files, so building it twice is cheap.
             data_only = self.config.clone()
             data_only[self.subcommand].model = None
-            self.parser.instantiate_classes(data_only)
+            datamodule = self.parser.instantiate_classes(data_only)[self.subcommand].data
+            if hasattr(datamodule, "check_rows"):
+                datamodule.check_rows(getattr(_import(config.model.class_path), "data_task", None))
 
     def _add_instantiators(self) -> None:
         self.parser.add_instantiator(_TopLevelInstantiator(cli=self, key="model"), L.LightningModule, subclasses=True)

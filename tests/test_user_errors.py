@@ -223,3 +223,29 @@ def test_data_arguments_are_checked_before_the_model_is_built():
         LitDistillCLI(args=["fit", "--config", str(ROOT / GRPO),
                             "--model.init_args.policy.name_or_path", "/nonexistent/model",
                             "--data.init_args.embedded", "nope"])
+
+
+def _fit_without_a_model(config: str, *overrides: str) -> None:
+    # The model names no weights: had it been built before the data were read, that would be the error.
+    LitDistillCLI(args=["fit", "--config", str(ROOT / config), "--model.init_args.model.name_or_path",
+                        "/nonexistent/model", *overrides])
+
+
+def test_rows_of_the_users_data_are_checked_before_the_model_is_built(tmp_path):
+    columns = tmp_path / "columns.jsonl"
+    columns.write_text('{"question": "q", "reply": "r"}\n' * 4)
+    with pytest.raises(ValueError, match=r"columns.jsonl' split 'train'.*\['question', 'reply'\]"):
+        _fit_without_a_model("configs/sft/chat_quickstart.yaml", "--data.init_args.path", str(columns))
+    messages = tmp_path / "messages.jsonl"
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    messages.write_text(good * 3 + '{"messages": [{"content": "no role"}]}\n' + good * 40)
+    with pytest.raises(DataFileError, match=r"messages.jsonl' split 'train' row 3: .*'role'"):
+        _fit_without_a_model("configs/sft/chat_quickstart.yaml", "--data.init_args.path", str(messages))
+
+
+def test_a_malformed_line_of_a_prompt_file_is_reported_before_the_model_is_built(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1 plus 1 is"}\n{"prompt": \n')
+    with pytest.raises(DataFileError, match=r"prompts.jsonl:2"):
+        LitDistillCLI(args=["fit", "--config", GRPO, "--model.init_args.policy.name_or_path", "/nonexistent/model",
+                            "--data.init_args.embedded", "null", "--data.init_args.path", str(prompts)])

@@ -30,6 +30,12 @@ class EncodedDataModule(L.LightningDataModule):
         """The encoded examples of ``split`` (one of :data:`SPLITS`)."""
         raise NotImplementedError
 
+    def check_rows(self, task: Optional[str] = None) -> None:
+        """Read the source as far as needed to find the mistakes no model is needed for (a missing file, a
+        malformed line, columns no format matches), raising as ``build_split`` would; nothing is kept. The CLI
+        calls it before any weights load. ``task`` is the ``data_task`` of the module to be trained. The default
+        reads nothing: a DataModule whose source is cheap to read overrides it."""
+
     def report_truncation(self, origin: str, truncated: int, total: int, max_length: int) -> None:
         """Warn that ``truncated`` of ``total`` examples of ``origin`` were cut to ``max_length`` tokens; past the
         ``max_truncated_fraction`` hyperparameter (default 0.5), refuse: the data does not fit the setting."""

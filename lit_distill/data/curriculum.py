@@ -323,6 +323,10 @@ class CurriculumDataModule(L.LightningDataModule):
         self.velocity.copy_(velocity)
 
     # ---- data ---------------------------------------------------------------------------------------------
+    def check_rows(self, task: Optional[str] = None) -> None:
+        for module in self.modules.values():
+            module.check_rows(task)
+
     def prepare_data(self) -> None:
         for module in self.modules.values():
             module.trainer = self.trainer  # members see the trained module, as the top-level DataModule does

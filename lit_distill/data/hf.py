@@ -29,6 +29,9 @@ from lit_distill.models.loading import load_tokenizer
 log = logging.getLogger(__name__)
 
 # Local file suffixes and the ``datasets`` builder that reads them.
+# Rows of each split that ``check_rows`` encodes before any model loads.
+CHECKED_ROWS = 16
+
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
@@ -246,16 +249,25 @@ class HFDataModule(EncodedDataModule):
             self._encoded[split] = self._encode(split)
         return self._encoded[split]
 
-    def _encode(self, split: str):
-        import datasets
-        from datasets.fingerprint import Hasher
+    def check_rows(self, task: Optional[str] = None) -> None:
+        """The splits exist, their columns match a format of the task, and the first ``CHECKED_ROWS`` rows of each
+        encode (a malformed message, a missing template, an over-long row with ``overlong: error``)."""
+        task = self.task or task
+        if task is None:
+            return
+        for split in ("train", "validation"):
+            rows, source_split, first_row = self.raw_split(split)
+            encoder, removed = self._encoder(rows, task, split, source_split, first_row)
+            if isinstance(rows, Sized):
+                first = rows[:CHECKED_ROWS]
+            else:
+                streamed = list(rows.take(CHECKED_ROWS))
+                first = {column: [row.get(column) for row in streamed] for column in _columns(rows)}
+            encoder(first, list(range(len(next(iter(first.values()), [])))))
 
+    def _encoder(self, rows, task: str, split: str, source_split: str, first_row: int) -> tuple[Encoder, list[str]]:
+        """The encoder of a split's rows, and the columns it drops."""
         hp = self.hparams
-        raw = self.raw_split(split)
-        if raw is None:
-            return None
-        rows, source_split, first_row = raw
-        task = self.resolved_task()
         origin = f"'{hp.path}' split '{source_split}'"
         columns = _columns(rows)
         data_format = self.formats[split] = detect_format(columns, task, hp.format, origin)
@@ -269,7 +281,19 @@ class HFDataModule(EncodedDataModule):
         template = self.template() if _conversational(rows, data_format) else None
         encoder = Encoder(self.tokenizer, task, data_format, template, hp.max_length, hp.overlong,
                           hp.assistant_only_loss, hp.completion_only_loss, origin, first_row)
-        removed = [column for column in columns if column not in kept]
+        return encoder, [column for column in columns if column not in kept]
+
+    def _encode(self, split: str):
+        import datasets
+        from datasets.fingerprint import Hasher
+
+        hp = self.hparams
+        raw = self.raw_split(split)
+        if raw is None:
+            return None
+        rows, source_split, first_row = raw
+        encoder, removed = self._encoder(rows, self.resolved_task(), split, source_split, first_row)
+        origin = encoder.origin
         if hp.streaming:  # encoded lazily, as the rows stream in
             return rows.map(encoder, batched=True, with_indices=True, remove_columns=removed).filter(
                 _usable, batched=True, input_columns=["skipped"]).remove_columns(["skipped", "truncated"])

@@ -289,6 +289,10 @@ class JSONLPreferenceDataModule(EncodedDataModule):
             return split_file, read_preference_jsonl(split_file)
         return path, holdout(read_preference_jsonl(path), split, hp.validation_fraction)
 
+    def check_rows(self, task: Optional[str] = None) -> None:
+        for split in ("train", "validation"):
+            self.rows(split)
+
     def build_split(self, split: str) -> list[dict]:
         hp = self.hparams
         path, rows = self.rows(split)

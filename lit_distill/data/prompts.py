@@ -186,6 +186,10 @@ class JSONLPromptDataModule(EncodedDataModule):
                                                               hp.max_operand)[:cap]
         return self.file_rows(split)
 
+    def check_rows(self, task: Optional[str] = None) -> None:
+        for split in ("train", "validation"):
+            self.rows(split)
+
     def read_file(self, path: Path) -> list[Row]:
         """The checked rows of one JSONL file (subclasses read other line formats)."""
         return read_prompt_jsonl(_jsonl(path))
