@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import lit_distill.data  # noqa: F401  (registers the DataModules for short class names)
 import lit_distill.modules  # noqa: F401  (registers the LightningModules)
 from lit_distill.callbacks.cleanup import RemoveEmptyRunFolder
-from lit_distill.checkpoints import check_resume, check_save_dir
+from lit_distill.checkpoints import RecordRunConfig, check_resume, check_save_dir
 from lit_distill.checks import require
 from lit_distill.errors import SIGTERM_EXIT_CODE, concise, debugging, exit_with, user_error_message
 
@@ -87,10 +87,10 @@ class LitDistillCLI(LightningCLI):
                             help="let fit write its model into a model.init_args.save_dir that already holds files")
 
     def parse_arguments(self, parser, args) -> None:
-        # Before LightningCLI replaces the config's model arguments with a checkpoint's: check the checkpoint, and
-        # list what differs (see lit_distill.checkpoints).
+        # Before LightningCLI replaces the config's model arguments with a checkpoint's hyperparameters: check the
+        # checkpoint, list what differs, and keep the sections that win (see lit_distill.checkpoints).
         super().parse_arguments(parser, args)
-        self._configured_model, self._checkpoint_data = None, None
+        self._configured_model, self._winning_sections = None, {}
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
         ckpt_path = config.get("ckpt_path") if config is not None else None
@@ -98,12 +98,19 @@ class LitDistillCLI(LightningCLI):
             if not Path(ckpt_path).is_file():
                 raise FileNotFoundError(f"--ckpt_path '{ckpt_path}' is not a file")
             data = config.data.as_dict() if config.get("data") is not None else None
-            _, saved_data = check_resume(ckpt_path, config.model.as_dict(), data, config.resume_config)
-            if config.resume_config == "config":
-                self._configured_model = copy.deepcopy(config.model)
-            elif config.resume_config == "checkpoint" and saved_data and data is not None:
-                self._checkpoint_data = {"class_path": saved_data["_class_path"],
-                                         "init_args": {k: v for k, v in saved_data.items() if not k.startswith("_")}}
+            saved_model, saved_data = check_resume(ckpt_path, config.model.as_dict(), data, config.resume_config)
+            self._configured_model = copy.deepcopy(config.model)
+            if config.resume_config == "checkpoint":
+                self._winning_sections = {"model": saved_model}
+                if saved_data and data is not None:
+                    self._winning_sections["data"] = saved_data
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        data = config.get("data")
+        trainer.callbacks.append(RecordRunConfig(config.model.as_dict(), data.as_dict() if data else None))
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else None
@@ -111,8 +118,8 @@ class LitDistillCLI(LightningCLI):
             return
         if self._configured_model is not None:
             config.model = self._configured_model
-        if self._checkpoint_data is not None:
-            self.config = self.parser.parse_object({self.subcommand: {"data": self._checkpoint_data}}, self.config)
+        if self._winning_sections:
+            self.config = self.parser.parse_object({self.subcommand: self._winning_sections}, self.config)
             config = self.config[self.subcommand]
         if self.subcommand == "fit":
             check_save_dir(config.model.get("init_args", {}).get("save_dir"), config.overwrite_save_dir)

@@ -217,8 +217,12 @@ def test_resume_with_other_datasets_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fit(tmp_path, SFT_CONFIG, "--trainer.max_epochs", "1")
     renamed = SFT_CONFIG.replace("      qa:\n", "      squad:\n")
+    last = str(tmp_path / "checkpoints" / "last.ckpt")
+    with pytest.raises(ValueError, match=r"data.init_args.datasets.qa: only in the checkpoint\n  "
+                                         r"data.init_args.datasets.squad: only in the config\n"):
+        fit(tmp_path, renamed, "--ckpt_path", last)
     with pytest.raises(ValueError, match=r"checkpoint's curriculum has datasets \['text', 'qa'\]"):
-        fit(tmp_path, renamed, "--ckpt_path", str(tmp_path / "checkpoints" / "last.ckpt"))
+        fit(tmp_path, renamed, "--ckpt_path", last, "--resume_config", "config")
 
 
 def test_datasets_must_share_one_tokenizer(tmp_path, monkeypatch):

@@ -105,8 +105,10 @@ def resume(run: Path, tmp_path: Path, *extra: str):
 def test_resuming_with_a_different_config_lists_every_difference_and_stops(finished_run, tmp_path):
     with pytest.raises(ValueError) as error:
         resume(finished_run, tmp_path, "--model.init_args.model.config.hidden_size", "48",
-               "--data.init_args.max_length", "100")
+               "--data.init_args.max_length", "100", "--model.init_args.optimizer.init_args.lr", "0.5")
     assert "model.init_args.model.config.hidden_size: checkpoint 32, config 48" in str(error.value)
+    # The optimizer is no hyperparameter of the module: compared from the config the CLI records in checkpoints.
+    assert "model.init_args.optimizer.init_args.lr: checkpoint 0.003, config 0.5" in str(error.value)
     assert "data.init_args.max_length: checkpoint 128, config 100" in str(error.value)
     assert "--resume_config checkpoint" in str(error.value)
 
@@ -120,12 +122,14 @@ def test_resume_config_says_which_arguments_win(finished_run, tmp_path):
                "checkpoint")
 
 
-def test_resume_config_checkpoint_restores_its_data_arguments(tmp_path):
+def test_resume_config_checkpoint_restores_its_data_and_optimizer_arguments(tmp_path):
     LitDistillCLI(args=["fit", "--config", SFT, *SMALL, "--trainer.max_steps", "2", "--trainer.logger.init_args.save_dir",
                         str(tmp_path / "first"), "--model.init_args.save_dir", str(tmp_path / "first" / "model")])
-    cli = resume(tmp_path / "first", tmp_path / "second", "--data.init_args.max_length", "100", "--resume_config",
-                 "checkpoint", "--overwrite_save_dir", "true")
+    cli = resume(tmp_path / "first", tmp_path / "second", "--data.init_args.max_length", "100",
+                 "--model.init_args.optimizer.init_args.lr", "0.5", "--resume_config", "checkpoint",
+                 "--overwrite_save_dir", "true")
     assert cli.datamodule.hparams.max_length == 128 and cli.trainer.global_step == 3
+    assert cli.model.optimizers().optimizer.defaults["lr"] == 0.003
 
 
 def test_a_checkpoint_of_another_module_or_no_checkpoint_is_one_clear_error(finished_run, tmp_path):
