@@ -233,18 +233,30 @@ model:
       config: {{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,
                num_attention_heads: 4, num_key_value_heads: 4, max_position_embeddings: 512}}
     save_dir: {logs}/{name}/model
-data:
-  init_args: {{embedded_examples: 200, batch_size: 4, max_examples: {{validation: 8}}}}
 """
 
+# The quickstart's SQuAD rows (a sampler over a map-style dataset), or the example text file streamed (positions
+# gathered from both ranks into the checkpoint).
+DDP_DATA = {
+    "squad": "data:\n  init_args: {{embedded_examples: 200, batch_size: 4, max_examples: {{validation: 8}}}}\n",
+    "streamed": "data:\n  class_path: lit_distill.data.HFDataModule\n  init_args: {{path: {logs}/text.jsonl, "
+                "streaming: true, shuffle_buffer: 32, max_length: 64, batch_size: 4, max_examples: {{validation: 8}}, "
+                "cache_dir: {logs}/cache}}\n",
+}
 
-@pytest.mark.slow  # three 2-process runs: ~90 s on 2 cores
-def test_two_process_ddp_resumes_from_a_mid_epoch_checkpoint_to_the_same_weights(tmp_path):
+
+@pytest.mark.slow  # three 2-process runs each: ~90 s on 2 cores
+@pytest.mark.parametrize("data", DDP_DATA)
+def test_two_process_ddp_resumes_from_a_mid_epoch_checkpoint_to_the_same_weights(tmp_path, data):
     from transformers import AutoModelForCausalLM
+
+    from lit_distill.data.examples import write_examples
+
+    write_examples(tmp_path, rows=200)
 
     def fit(name: str, *extra: str) -> None:
         overlay = tmp_path / f"{name}.yaml"
-        overlay.write_text(DDP_OVERLAY.format(logs=tmp_path, name=name))
+        overlay.write_text((DDP_OVERLAY + DDP_DATA[data]).format(logs=tmp_path, name=name))
         result = subprocess.run([sys.executable, "-m", "lit_distill", "fit", "--config", "configs/sft/quickstart.yaml",
                                  "--config", str(overlay), *extra], cwd=ROOT, capture_output=True, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)

@@ -23,7 +23,7 @@ from lit_distill.data.formats import (FORMAT_COLUMNS, OUTPUT_COLUMNS, RESERVED_C
 from lit_distill.data.io import DataFileError, read_numbered_jsonl
 from lit_distill.data.packing import PackedDataset, best_fit_decreasing, collate_packed, packing_summary
 from lit_distill.data.prompts import collate_prompts
-from lit_distill.data.resume import StreamingLoader, batches_processed
+from lit_distill.data.resume import EncodedStream, StreamingLoader, batches_processed
 from lit_distill.models.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -342,13 +342,17 @@ class HFDataModule(EncodedDataModule):
             return super().train_dataloader()
         from datasets.distributed import split_dataset_by_node
 
+        # Source rows are shuffled and sharded, then encoded one by one, so that the position saved in checkpoints
+        # is a count of source rows (see data.resume.EncodedStream).
         hp, trainer = self.hparams, self.trainer
-        stream = self.datasets["train"]
+        rows, source_split, first_row = self.raw_split("train")
+        encoder, removed = self._encoder(rows, self.resolved_task(), "train", source_split, first_row)
         if hp.shuffle_buffer:
-            stream = stream.shuffle(seed=hp.seed, buffer_size=hp.shuffle_buffer)
+            rows = rows.shuffle(seed=hp.seed, buffer_size=hp.shuffle_buffer)
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
-        return StreamingLoader(stream, batches_done=batches_processed(trainer),
+        rows = split_dataset_by_node(rows, rank=rank, world_size=world_size)
+        return StreamingLoader(EncodedStream(rows, partial(encode_row, encoder, removed)),
+                               batches_done=batches_processed(trainer),
                                epoch=lambda: trainer.current_epoch if trainer else 0, batch_size=hp.batch_size,
                                num_workers=hp.num_workers, collate_fn=self.collate_fn("train"))
 
@@ -379,6 +383,16 @@ def _conversational(rows, data_format: str) -> bool:
     """Whether the format's columns hold message lists (Arrow gives a column one type, so the first row tells)."""
     first = _first_row(rows)
     return first is not None and any(isinstance(first.get(column), list) for column in FORMAT_COLUMNS[data_format])
+
+
+def encode_row(encoder: Encoder, removed: list[str], row: dict, index: int) -> Optional[dict]:
+    """One source row as ``datasets.map(encoder, remove_columns=removed)`` would encode it; None when dropped."""
+    columns = encoder({column: [value] for column, value in row.items()}, [index])
+    if columns.pop("skipped")[0]:
+        return None
+    columns.pop("truncated")
+    return {**{column: value for column, value in row.items() if column not in removed},
+            **{column: values[0] for column, values in columns.items()}}
 
 
 def _usable(reasons: list[str]) -> list[bool]:

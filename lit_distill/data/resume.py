@@ -11,9 +11,10 @@ integers, exact with any number of workers.
 * :class:`ResumableLoader` (map-style datasets): on load, its :class:`ResumableSampler` leaves out the indices of
   the batches already processed in that epoch (the curriculum's sampler restores its draws instead).
 * :class:`StreamingLoader` (a ``datasets.IterableDataset``, a corpus streamed, never held in memory): the state is
-  the stream's own ``state_dict()`` noted before each batch is fetched. ``datasets`` restores a stream to a shard
-  and an offset in it; examples held in a shuffle buffer at that moment are not restored (its documented limit),
-  so a resumed stream is exact with ``shuffle_buffer: 0`` and continues from the same position with a buffer.
+  the number of source rows the :class:`EncodedStream` had read (used or dropped) before each batch. On resume the
+  stream is replayed from the epoch's start and that many rows are skipped unencoded: ``datasets`` restores its own
+  ``state_dict`` to a shard and offset but not the contents of a shuffle buffer (its documented limit), and the
+  replay refills the buffer exactly, at the cost of reading (not tokenising) the rows before the position.
   Positions are tracked in the main process: with ``num_workers > 0`` each worker streams its own shards and the
   main process cannot see where they are, so such a loader records no position (a warning says so). Under DDP
   every rank's position is saved, and each rank resumes its own (the same number of ranks is needed).
@@ -21,11 +22,12 @@ integers, exact with any number of workers.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Callable, Optional
 
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 log = logging.getLogger(__name__)
 
@@ -76,32 +78,58 @@ class ResumableLoader(DataLoader):
         self.sampler.load_state(state)
 
 
+class EncodedStream(IterableDataset):
+    """The usable examples of a stream of source rows: ``encode(row, index)`` gives an example or None (a row
+    dropped), and ``rows_read`` counts the rows read so far in the epoch, used or dropped."""
+
+    def __init__(self, rows, encode: Callable[[dict, int], Optional[dict]]):
+        self.rows, self.encode = rows, encode
+        self.start = self.rows_read = 0
+
+    def restart(self, epoch: int, start: int) -> None:
+        """The next iteration reads the epoch's rows from row ``start`` on."""
+        self.rows.set_epoch(epoch)
+        self.start = self.rows_read = start
+
+    def __iter__(self):
+        # Not datasets' skip(): on a stream split by node it skips rows of the whole stream, before the split.
+        for index, row in enumerate(itertools.islice(self.rows, self.start, None), self.start):
+            self.rows_read = index + 1
+            example = self.encode(row, index)
+            if example is not None:
+                yield example
+
+
 class StreamingLoader(DataLoader):
-    """``DataLoader(dataset, **kwargs)`` for an iterable ``datasets`` stream, resumable from checkpoints.
+    """``DataLoader(stream, **kwargs)`` over an :class:`EncodedStream`, resumable from checkpoints.
 
     Args:
-        dataset: a ``datasets.IterableDataset`` (already sharded for this rank).
+        stream: the examples of this rank's share of the source rows.
         batches_done: the number of this epoch's batches the training loop has processed (read when a checkpoint
             is written, and when an epoch starts: a resumed epoch starts where its checkpoint was).
         epoch: the current epoch, for the stream's shuffle seed.
     """
 
-    def __init__(self, dataset, batches_done: Callable[[], int], epoch: Callable[[], int], **kwargs):
-        super().__init__(dataset, **kwargs)
+    def __init__(self, stream: EncodedStream, batches_done: Callable[[], int], epoch: Callable[[], int], **kwargs):
+        super().__init__(stream, **kwargs)
         self.batches_done, self.epoch = batches_done, epoch
-        self._positions: dict[int, dict] = {}  # batch index -> the stream's state before that batch
+        self._positions: dict[int, int] = {}  # batch index -> source rows read before that batch
+        self._resume_at = 0
         if self.num_workers:
             log.warning("a streamed dataset read by %d DataLoader workers records no position in checkpoints: a "
                         "resumed run restarts its epoch (num_workers: 0 resumes where it stopped)", self.num_workers)
 
     def __iter__(self):
-        self.dataset.set_epoch(self.epoch())
+        if self._resume_at:
+            log.info("skipping the %d rows of the stream read before the checkpoint", self._resume_at)
+        self.dataset.restart(self.epoch(), self._resume_at)
+        self._resume_at = 0
         index = self.batches_done()
         self._positions = {}
         batches = super().__iter__()
         while True:
             if not self.num_workers:
-                self._positions[index] = self.dataset.state_dict()
+                self._positions[index] = self.dataset.rows_read
             try:
                 batch = next(batches)
             except StopIteration:
@@ -116,16 +144,16 @@ class StreamingLoader(DataLoader):
         # position (a collective: Lightning builds the checkpoint on every rank), each rank loads its own.
         position = self._positions.get(self.batches_done())
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return {"positions": [position]}
+            return {"rows_read": [position]}
         positions = [None] * dist.get_world_size()
         dist.all_gather_object(positions, position)
-        return {"positions": positions}
+        return {"rows_read": positions}
 
     def load_state_dict(self, state: dict) -> None:
-        positions = state.get("positions") or [None]
+        positions = state.get("rows_read") or [None]
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if len(positions) != (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1):
             log.warning("the checkpoint's stream positions are of %d ranks, this run has another number: the "
                         "stream restarts its epoch", len(positions))
         elif positions[rank] is not None:
-            self.dataset.load_state_dict(positions[rank])
+            self._resume_at = positions[rank]
