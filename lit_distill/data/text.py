@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from lit_distill.data import corpus
 from lit_distill.data.base import SPLITS, EncodedDataModule
+from lit_distill.data.collate import holdout
 from lit_distill.data.io import (JSONL_SUFFIXES, PARQUET_SUFFIXES, DataFileError, find_split_file,
                                  read_numbered_jsonl, read_texts)
 from lit_distill.models.loading import load_tokenizer
@@ -86,9 +87,7 @@ class PackedTextDataModule(EncodedDataModule):
                     return []
                 raise FileNotFoundError(f"data directory '{path}' has no {split} file (train.txt, train.jsonl, ...)")
             return self.file_texts(split_file)
-        texts = self.file_texts(path)
-        num_validation = int(len(texts) * hp.validation_fraction)
-        return {"train": texts[num_validation:], "validation": texts[:num_validation], "test": []}[split]
+        return holdout(self.file_texts(path), split, hp.validation_fraction)
 
     def embedded_texts(self, count: int, seed: int) -> list[str]:
         """``count`` texts generated from ``seed``."""

@@ -180,6 +180,19 @@ def copy_model(model: nn.Module, spec: ModelSpec) -> nn.Module:
     return copied
 
 
+def build_reference(policy: ModelSpec, reference: Optional[ModelSpec], model: nn.Module) -> Optional[nn.Module]:
+    """The frozen reference of the policy ``model`` built from ``policy``: ``reference`` when given; else None for a
+    policy with a LoRA adapter (its base with the adapter disabled is the reference, no second copy); else a frozen
+    copy of ``model``. Dropout off, no gradients."""
+    if reference is not None:
+        built = build_model(reference, load_tokenizer(reference.tokenizer or reference.name_or_path))
+    elif policy.lora is not None:
+        return None
+    else:
+        built = copy_model(model, policy)
+    return built.eval().requires_grad_(False)
+
+
 def compile_decoder(model: nn.Module) -> None:
     """``torch.compile`` the model's decoder stack in place: embedding, layers and final norm, without the head.
 

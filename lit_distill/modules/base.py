@@ -40,6 +40,8 @@ class CausalLMModule(L.LightningModule):
     """
 
     frozen_modules: tuple[str, ...] = ()
+    # Submodules that stay in eval mode (no dropout) when Lightning switches the module to train mode each epoch.
+    eval_modules: tuple[str, ...] = ()
 
     def __init__(self, optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: Optional[SchedulerCallable] = None, save_dir: Optional[str] = None,
@@ -52,6 +54,13 @@ class CausalLMModule(L.LightningModule):
         self.strict_loading = False  # checkpoints leave out the frozen modules
         self._step_tokens = torch.zeros((), dtype=torch.float64)
         self._batch_start = 0.0
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.eval_modules:
+            if getattr(self, name, None) is not None:
+                getattr(self, name).eval()
+        return self
 
     # ---- optimisation -------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -35,6 +35,7 @@ from lit_distill.teachers.logit_cache import (CachedTeacherOutputs, LogitCache, 
 class DistillModule(CausalLMModule):
     data_task = "sft"  # what an HFDataModule serves this module
     frozen_modules = ("teacher",)
+    eval_modules = ("teacher",)
 
     def __init__(self, student: ModelSpec, teacher: Optional[ModelSpec] = None, divergence: str = "forward_kl",
                  temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5, chunk_size: Optional[int] = None,
@@ -96,13 +97,6 @@ class DistillModule(CausalLMModule):
                 f"({student.tokenizer or student.name_or_path}, {len(self.tokenizer)} tokens); logit "
                 "distillation needs one shared vocabulary")
         return build_model(teacher, teacher_tokenizer).eval().requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        """Lightning switches the whole module to train mode each epoch; the teacher stays in eval (no dropout)."""
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
 
     def setup(self, stage: str) -> None:
         """With a ``logit_cache``: build what it lacks (every rank shares the work), then open it."""

@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 
 from lit_distill.checks import require
 from lit_distill.losses import DPO_LOSS_TYPES, dpo_loss
-from lit_distill.models.loading import ModelSpec, build_model, copy_model, load_tokenizer
+from lit_distill.models.loading import ModelSpec, build_model, build_reference, load_tokenizer
 from lit_distill.models.forward import labelled_sequence_logprobs
 from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
@@ -35,6 +35,7 @@ def pair_key(batch: dict, row: int) -> bytes:
 class DPOModule(CausalLMModule):
     data_task = "preference"  # what an HFDataModule serves this module
     frozen_modules = ("reference",)
+    eval_modules = ("model", "reference")  # no dropout: the policy's log-probs are compared with the reference's
 
     def __init__(self, policy: ModelSpec, reference: Optional[ModelSpec] = None, beta: float = 0.1,
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, precompute_reference: bool = False,
@@ -58,24 +59,10 @@ class DPOModule(CausalLMModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.tokenizer = load_tokenizer(policy.tokenizer or policy.name_or_path)
         self.model = build_model(policy, self.tokenizer).eval()
-        self.uses_adapter_reference = reference is None and policy.lora is not None
-        self.reference = None
-        if reference is not None:
-            self.reference = build_model(reference, load_tokenizer(reference.tokenizer or reference.name_or_path))
-        elif not self.uses_adapter_reference:
-            self.reference = copy_model(self.model, policy)
-        if self.reference is not None:
-            self.reference.eval().requires_grad_(False)
+        self.reference = build_reference(policy, reference, self.model)
+        self.uses_adapter_reference = self.reference is None
         self.precomputed: dict[bytes, tuple[float, float]] = {}
         self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric()
-
-    def train(self, mode: bool = True):
-        """Lightning switches modules to train mode; policy and reference stay in eval (no dropout)."""
-        super().train(mode)
-        self.model.eval()
-        if self.reference is not None:
-            self.reference.eval()
-        return self
 
     # ---- log-probs ----------------------------------------------------------------------------------------
     def sequence_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from torchmetrics import MeanMetric
 from lit_distill.checks import check_sampling, require
 from lit_distill.losses.logprobs import token_logprobs
 from lit_distill.models.heads import forward_with_hidden_states
-from lit_distill.models.loading import ModelSpec, build_model, copy_model, load_tokenizer
+from lit_distill.models.loading import ModelSpec, build_model, build_reference, load_tokenizer
 from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
 from lit_distill.rewards import Reward, WeightedRewards
@@ -80,6 +80,9 @@ class OnlineRLModule(CausalLMModule):
     data_task = "prompts"  # what an HFDataModule serves this module
 
     frozen_modules = ("reference", "rewards")
+    # Dropout stays off in every model: a stochastic forward would make the scored policy differ from the sampling
+    # one (ratios != 1 at the first update) and bias the KL term.
+    eval_modules = ("model", "reference", "rewards")
 
     def __init__(self, policy: ModelSpec, rewards: Sequence[Reward], reward_weights: Optional[list[float]] = None,
                  reference: Optional[ModelSpec] = None, needs_reference: bool = True, max_new_tokens: int = 32,
@@ -97,25 +100,11 @@ class OnlineRLModule(CausalLMModule):
         self.model = build_model(policy, self.tokenizer).eval()
         self.rewards = WeightedRewards(list(rewards), reward_weights)
         # The reference: a separate model, the policy's LoRA base (adapter disabled), or a frozen copy.
-        self.uses_adapter_reference = needs_reference and reference is None and policy.lora is not None
-        self.reference: Optional[nn.Module] = None
-        if needs_reference and reference is not None:
-            self.reference = build_model(reference, load_tokenizer(reference.tokenizer or reference.name_or_path))
-        elif needs_reference and not self.uses_adapter_reference:
-            self.reference = copy_model(self.model, policy)
-        if self.reference is not None:
-            self.reference.eval().requires_grad_(False)
+        self.reference = build_reference(policy, reference, self.model) if needs_reference else None
+        self.uses_adapter_reference = needs_reference and self.reference is None
         self.val_reward = MeanMetric()
         self._stats: dict[str, list[Tensor]] = {}
         self._rollout_tokens = 0
-
-    def train(self, mode: bool = True):
-        """Dropout stays off in every model: a stochastic forward would make the scored policy differ from the
-        sampling one (ratios ≠ 1 at the first update) and bias the KL term."""
-        super().train(mode)
-        for module in self.children():
-            module.eval()
-        return self
 
     # ---- rollout ------------------------------------------------------------------------------------------
     def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, greedy: bool = False) -> Rollout:
