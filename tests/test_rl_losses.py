@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lit_distill.losses import (clipped_policy_loss, clipped_value_loss, gae, group_advantages, grpo_loss,
-                                kl_estimate, masked_mean, masked_var, masked_whiten)
+                                kl_estimate, masked_mean, masked_var, masked_whiten, step_denominators)
 
 
 def ragged_mask(lengths, width):
@@ -127,6 +127,17 @@ def test_k1_and_k3_are_unbiased_estimates_of_the_true_kl():
 
 
 # ---- PPO ------------------------------------------------------------------------------------------------------
+def test_approx_kl_is_cleanrls_estimate_of_kl_old_to_new():
+    # Per token, with log ρ = log π − log π_old: (ρ − 1) − log ρ (cleanrl's approx_kl), hand-computed.
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    new = torch.tensor([[-0.5, -2.2, -0.5]])
+    mask = torch.tensor([[1.0, 1.0, 1.0]])
+    _, stats = clipped_policy_loss(new, old, torch.zeros(1, 3), mask)
+    # (The mirrored estimator, log ρ = log π_old − log π, gives 0.0426.)
+    expected = ((math.exp(0.5) - 1 - 0.5) + (math.exp(-0.2) - 1 + 0.2) + 0.0) / 3
+    assert stats.approx_kl.item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_policy_loss_at_the_old_policy_is_minus_the_advantage_with_unit_ratio():
     logprobs = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
     advantages = torch.tensor([[1.0, -2.0, 3.0]])
@@ -199,6 +210,21 @@ def test_grpo_aggregation_hand_values(loss_type, expected):
                                               max_completion_length=5)
     assert (numerator / denominator).item() == pytest.approx(expected)
     assert stats.kl.item() == 0.0 and stats.clip_ratio.item() == 0.0
+
+
+@pytest.mark.parametrize("loss_type,expected", [
+    # Three ragged micro-batches, token sums −1, 2 and 6 over 4, 1 and 2 tokens.
+    ("dapo", (-1.0 + 2.0 + 6.0) / 7),                  # one mean over the step's 7 tokens
+    ("bnpo", (-1.0 / 4 + 2.0 / 1 + 6.0 / 2) / 3),      # TRL: the mean of the micro-batches' token means
+])
+def test_step_denominators_over_ragged_micro_batches(loss_type, expected):
+    logprobs, advantages, mask = grpo_inputs()
+    micro = [(logprobs, advantages, mask), (logprobs[1:], advantages[1:], mask[1:]),
+             (logprobs[:1, :2], torch.tensor([-3.0]), mask[:1, :2])]
+    denominators = step_denominators([m for _, _, m in micro], loss_type)
+    loss = sum(grpo_loss(lp, lp, adv, m, loss_type=loss_type)[0] / denominator
+               for (lp, adv, m), denominator in zip(micro, denominators))
+    assert loss.item() == pytest.approx(expected)
 
 
 def test_grpo_kl_term_hand_value():

@@ -1,5 +1,5 @@
 """Distillation, preference and RL losses: pure tensor functions, no model or Lightning code."""
-from lit_distill.losses.grpo import GRPO_LOSS_TYPES, GRPOStats, grpo_denominator, grpo_loss
+from lit_distill.losses.grpo import GRPO_LOSS_TYPES, GRPOStats, grpo_denominator, grpo_loss, step_denominators
 from lit_distill.losses.kd import DIVERGENCES, KDStats, align_vocab, kd_loss, token_divergence
 from lit_distill.losses.logprobs import sequence_logprobs_from_logits, token_logprobs
 from lit_distill.losses.ppo import PolicyStats, ValueStats, clipped_policy_loss, clipped_value_loss
@@ -10,6 +10,6 @@ from lit_distill.losses.rl import (KL_ESTIMATORS, SCALE_REWARDS, gae, group_adva
 
 __all__ = ["DIVERGENCES", "DPO_LOSS_TYPES", "DPOStats", "GRPOStats", "GRPO_LOSS_TYPES", "KDStats", "KL_ESTIMATORS",
            "PolicyStats", "RewardStats", "SCALE_REWARDS", "ValueStats", "align_vocab", "clipped_policy_loss",
-           "clipped_value_loss", "dpo_loss", "gae", "group_advantages", "grpo_denominator", "grpo_loss", "kd_loss", "kl_estimate",
+           "clipped_value_loss", "dpo_loss", "gae", "group_advantages", "grpo_denominator", "grpo_loss", "step_denominators", "kd_loss", "kl_estimate",
            "masked_mean", "masked_sum", "masked_var", "masked_whiten", "reward_loss", "sequence_logprobs_from_logits",
            "token_divergence", "token_logprobs", "topk_kd_loss"]

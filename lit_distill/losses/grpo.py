@@ -48,6 +48,17 @@ def grpo_denominator(mask: Tensor, loss_type: str, max_completion_length: Option
     return mask.float().sum()
 
 
+def step_denominators(masks: list[Tensor], loss_type: str,
+                      max_completion_length: Optional[int] = None) -> list[Tensor]:
+    """What each micro-batch's ``grpo_loss`` numerator is divided by, given the (B_m, N) masks of the step's
+    micro-batches on this rank: the step's total (to be summed over ranks as well) for every loss type but
+    ``bnpo``, whose micro-batch ``m`` of ``M`` divides by its own token count × M (at least 1 token)."""
+    if loss_type == "bnpo":
+        return [grpo_denominator(mask, loss_type).clamp(min=1) * len(masks) for mask in masks]
+    total = sum(grpo_denominator(mask, loss_type, max_completion_length) for mask in masks)
+    return [total] * len(masks)
+
+
 def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
               loss_type: str = "dapo", clip_eps: float = 0.2, clip_eps_high: Optional[float] = None,
               beta: float = 0.0, ref_logprobs: Optional[Tensor] = None,
@@ -58,9 +69,11 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
 
     * ``grpo``: mean over sequences of each sequence's token mean (the original GRPO; a long completion's tokens
       weigh less). Numerator: Σ per-sequence means; denominator: number of sequences with a real token.
-    * ``bnpo`` / ``dapo``: mean over all tokens of the step (DAPO's token-level loss; every token weighs the
-      same). Numerator: token sum; denominator: token count. The module normalises ``dapo`` by the count over
-      all ranks and ``bnpo`` by the rank's own count (TRL's distinction).
+    * ``dapo``: mean over all tokens of the step, on every rank (DAPO's token-level loss; every token weighs the
+      same). Numerator: token sum; denominator: token count.
+    * ``bnpo``: TRL's: each micro-batch's token mean, averaged over the step's micro-batches and the ranks, so a
+      micro-batch with fewer tokens weighs its tokens more (``dapo`` when the step is one micro-batch on one
+      rank). Numerator: token sum; denominator: see :func:`step_denominators`.
     * ``dr_grpo``: token sum over a constant, sequences × ``max_completion_length`` (Dr. GRPO: no length bias).
 
     Args:

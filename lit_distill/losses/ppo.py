@@ -81,7 +81,8 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps_high)
     per_token = torch.maximum(unclipped, clipped)
     with torch.no_grad():
-        stats = PolicyStats(approx_kl=masked_mean(kl_estimate(logprobs, old_logprobs, "k3"), mask),
+        # The tokens were sampled from π_old: k3 with π_old as the sampling policy, r = π/π_old (cleanrl's).
+        stats = PolicyStats(approx_kl=masked_mean(kl_estimate(old_logprobs, logprobs, "k3"), mask),
                             clipfrac=masked_mean((clipped > unclipped).float(), mask),
                             ratio_mean=masked_mean(ratio, mask))
     return _reduce(per_token, mask, reduction), stats

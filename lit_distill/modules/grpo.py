@@ -7,7 +7,8 @@ One training step = one generation round and ``num_iterations`` updates (μ in t
 2. Rewards score the completions; each completion's advantage is its reward minus its group's mean, scaled per
    ``scale_rewards``; a group whose rewards are all equal gets advantage 0.
 3. Loss per token: clipped surrogate with the sequence's advantage + β·KL_k3(π ‖ π_ref); aggregated per
-   ``loss_type`` with the denominator of the whole step (all micro-batches and, except ``bnpo``, all ranks).
+   ``loss_type`` with the denominator of the whole step (all micro-batches and all ranks), or, for ``bnpo``, of
+   each micro-batch (TRL's definition, see ``lit_distill.losses.grpo_loss``).
 
 With μ = 1 the update is exactly on-policy: the "old" log-probs are the current ones detached (ratio 1, the
 gradient is the policy gradient). With μ > 1 they are recorded before the first update.
@@ -22,7 +23,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from lit_distill.checks import require
-from lit_distill.losses.grpo import GRPO_LOSS_TYPES, grpo_denominator, grpo_loss
+from lit_distill.losses.grpo import GRPO_LOSS_TYPES, grpo_loss, step_denominators
 from lit_distill.losses.rl import SCALE_REWARDS, group_advantages, masked_mean
 from lit_distill.models.loading import ModelSpec
 from lit_distill.modules.base import default_optimizer
@@ -98,10 +99,10 @@ class GRPOModule(OnlineRLModule):
                 old_logprobs = torch.cat([completion_forward(self.model, rollout.sequences[rows],
                                                              rollout.attention_mask[rows], rollout.prompt_length,
                                                              hp.temperature).logprobs for rows in micro])
-            denominator = grpo_denominator(mask, hp.loss_type, hp.max_new_tokens)
-            if hp.loss_type != "bnpo":  # bnpo: each rank's own token mean, averaged by DDP (TRL's definition)
-                denominator = self.global_sum(denominator)
-            denominator = denominator.clamp(min=1)  # nothing to average (all masked): the numerators are 0
+            denominators = step_denominators([mask[rows] for rows in micro], hp.loss_type, hp.max_new_tokens)
+            if hp.loss_type != "bnpo":  # bnpo: each rank's own micro-batch means, averaged by DDP (TRL's)
+                # Nothing to average (all masked): the numerators are 0.
+                denominators = [self.global_sum(denominators[0]).clamp(min=1)] * len(micro)
         self.record_rollout(rollout, rewards)
         self.record("grpo/frac_zero_std", group_stats.frac_zero_std)
         self.record("perf/rollout_s", torch.tensor(time.perf_counter() - start))
@@ -109,7 +110,7 @@ class GRPOModule(OnlineRLModule):
         entropy = "detached" if self.logs_this_step else "none"  # a (B·G, N, V) log-softmax, for the log only
         for _ in range(hp.num_iterations):
             step_loss = torch.zeros((), device=self.device)
-            for rows in micro:
+            for rows, denominator in zip(micro, denominators):
                 forward = completion_forward(self.model, rollout.sequences[rows], rollout.attention_mask[rows],
                                              rollout.prompt_length, hp.temperature, entropy=entropy)
                 old = old_logprobs[rows] if old_logprobs is not None else forward.logprobs.detach()
