@@ -19,7 +19,7 @@ from typing import Literal, Optional
 import lightning as L
 import torch
 from jsonargparse import ArgumentParser
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _InstantiatorFn
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback, _InstantiatorFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import lit_distill.data  # noqa: F401  (registers the DataModules for short class names)
@@ -56,6 +56,15 @@ class _TopLevelInstantiator(_InstantiatorFn):
                                 **kwargs)
 
 
+class SaveConfigToRunFolder(SaveConfigCallback):
+    """Lightning's config dump, into the logger's run folder only: without a logger, ``trainer.log_dir`` is the
+    working directory, which is no run's folder, and nothing is written."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.loggers:
+            super().setup(trainer, pl_module, stage)
+
+
 COMMANDS_HELP = """other commands (each takes --help):
   cache-teacher --config X.yaml [--output DIR]   cache a DistillModule config's teacher top-k log-probs (resumable)
   write-data --model M --prompts P --output F    have a teacher write completions of prompts (sequence-level KD)
@@ -71,6 +80,7 @@ class LitDistillCLI(LightningCLI):
             subclass_mode_data=True,
             # Modules build their own optimizer over trainable parameters only (never a frozen teacher).
             auto_configure_optimizers=False,
+            save_config_callback=SaveConfigToRunFolder,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"epilog": COMMANDS_HELP} if run else {"description": CacheTeacherCLI.__doc__},
             parser_class=ConciseParser,

@@ -151,6 +151,13 @@ def test_fit_refuses_a_save_dir_that_holds_another_runs_model(finished_run, tmp_
     assert LitDistillCLI(args=[*arguments, "--overwrite_save_dir", "true"]).trainer.global_step == 1
 
 
+def test_a_run_without_a_logger_writes_no_config_into_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = LitDistillCLI(args=["fit", "--config", SFT, *SMALL, "--trainer.max_steps", "1", "--trainer.logger", "false",
+                              "--trainer.enable_checkpointing", "false", "--model.init_args.save_dir", "null"])
+    assert cli.trainer.global_step == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_a_failed_run_leaves_no_empty_run_folder(tmp_path):
     import lightning as L
     import torch
