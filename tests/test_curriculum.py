@@ -1,12 +1,14 @@
 """The autocurriculum: the weight update rule on hand-computed cases, the sampler's draws, the DataModule and
 callback through the CLI with every algorithm family, exact resume, and 2-process DDP agreement."""
 
+import csv
 import json
 import textwrap
 
 import pytest
 import torch
 
+from lit_distill.callbacks.curriculum import example_losses
 from lit_distill.cli import LitDistillCLI
 from lit_distill.models.loading import load_tokenizer
 from lit_distill.data.curriculum import (CurriculumSampler, CurriculumState, SequentialMixtureSampler, apply_floor,
@@ -213,6 +215,29 @@ def test_weights_move_are_logged_and_resume_continues_exactly(tmp_path, monkeypa
     assert "last.ckpt" in checkpoints and len(checkpoints) == 2  # last + the best by val/loss
 
 
+def test_the_snapshot_measures_once_per_refresh(tmp_path, monkeypatch):
+    """Estimates at steps 0, 3 and 6, a refresh at 5: the snapshot scores its fixed sample at 0 and at 6 only, and
+    the estimate at 3 reuses the numbers of 0."""
+    import lit_distill.callbacks.curriculum as curriculum
+
+    monkeypatch.chdir(tmp_path)
+    scored_at = []
+    (tmp_path / "curriculum.yaml").write_text(SFT_CONFIG)
+    cli = LitDistillCLI(args=["--config", str(tmp_path / "curriculum.yaml"), "--trainer.max_epochs", "1"], run=False)
+
+    def counted(model, batch):
+        scored_at.append(cli.trainer.global_step)
+        return example_losses(model, batch)
+
+    monkeypatch.setattr(curriculum, "example_losses", counted)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert sorted(set(scored_at)) == [0, 6]
+    header, *rows = (tmp_path / "logs/run/version_0/metrics.csv").read_text().splitlines()
+    difficulty = {int(row["step"]): row["curriculum/text/difficulty"] for row in csv.DictReader([header, *rows])
+                  if row["curriculum/text/difficulty"]}
+    assert difficulty[3] == difficulty[0] != difficulty[6]
+
+
 def test_resume_with_other_datasets_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fit(tmp_path, SFT_CONFIG, "--trainer.max_epochs", "1")
@@ -350,8 +375,6 @@ def test_quickstart_moves_the_weights_and_writes_checkpoints_and_samples(tmp_pat
 
 def test_example_losses_against_a_naive_per_example_mean(llama_dir):
     from transformers import AutoModelForCausalLM
-
-    from lit_distill.callbacks.curriculum import example_losses
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     input_ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])

@@ -42,7 +42,9 @@ class Autocurriculum(L.Callback):
     them), and the :class:`~lit_distill.data.curriculum.CurriculumDataModule` moves its weights with
     :func:`~lit_distill.data.curriculum.curriculum_update`; every ``refresh_every`` steps the snapshot is
     reloaded from the live model. Measuring with a snapshot rather than the live model keeps difficulties of
-    successive measurements comparable within a refresh period and costs no gradient memory.
+    successive measurements comparable within a refresh period and costs no gradient memory. Between two refreshes
+    the snapshot scores the same fixed sample, so it is measured once per refresh; the estimates in between
+    reuse that measurement and move the weights by the update rule's momentum.
 
     DDP: the sums are all-reduced and every rank applies the same float64 update, then rank 0's weights are
     broadcast, so all ranks draw from identical weights. Checkpoints keep the snapshot's trainable parameters (for a
@@ -67,6 +69,7 @@ class Autocurriculum(L.Callback):
         self.next_refresh = refresh_every
         self._trainable: set[str] = set()
         self._restored_snapshot: Optional[dict] = None
+        self._measured: Optional[Tensor] = None  # (D, [n, Σx, Σx²]) of the current snapshot, summed over ranks
 
     @staticmethod
     def _datamodule(trainer: L.Trainer) -> CurriculumDataModule:
@@ -79,6 +82,7 @@ class Autocurriculum(L.Callback):
         self._datamodule(trainer)
         self._trainable = {name for name, p in pl_module.model.named_parameters() if p.requires_grad}
         self.snapshot = copy.deepcopy(pl_module.model).eval().requires_grad_(False)
+        self._measured = None
         if self._restored_snapshot is not None:
             self.snapshot.load_state_dict(self._restored_snapshot, strict=False)
             self._restored_snapshot = None
@@ -88,6 +92,7 @@ class Autocurriculum(L.Callback):
         step = trainer.global_step
         if step >= self.next_refresh:
             self.snapshot.load_state_dict(pl_module.model.state_dict())
+            self._measured = None
             self.next_refresh = (step // self.refresh_every + 1) * self.refresh_every
         if step >= self.next_estimate:
             self.measure(trainer, pl_module)
@@ -97,19 +102,9 @@ class Autocurriculum(L.Callback):
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Measure every dataset's difficulty with the snapshot, update the weights and log them."""
         datamodule = self._datamodule(trainer)
-        count = len(datamodule.names)
-        sums = torch.zeros(count, 3, dtype=torch.float64, device=pl_module.device)  # (D, [n, Σx, Σx²])
-        for index in range(count):
-            for batch in datamodule.difficulty_batches(index, trainer.global_rank, trainer.world_size):
-                batch = {k: v.to(pl_module.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                try:
-                    losses = example_losses(self.snapshot, batch).double()  # (B,)
-                except ValueError as err:
-                    raise ValueError(f"datasets.{datamodule.names[index]}: {err}") from err
-                sums[index] += torch.stack([torch.tensor(float(len(losses)), device=losses.device), losses.sum(),
-                                            losses.square().sum()])
-        sums = trainer.strategy.reduce(sums, reduce_op="sum")
-        n, total, squares = sums.unbind(-1)
+        if self._measured is None:
+            self._measured = self._measure_snapshot(trainer, pl_module, datamodule)
+        n, total, squares = self._measured.unbind(-1)
         mean = total / n.clamp(min=1)
         variance = (squares - n * mean.square()) / (n - 1).clamp(min=1)  # unbiased
         datamodule.update_weights(mean.cpu(), variance.clamp(min=0).cpu())
@@ -122,6 +117,21 @@ class Autocurriculum(L.Callback):
                             f"curriculum/{name}/variance": variance[index].item(),
                             f"curriculum/{name}/samples": datamodule.samples_drawn[index].item()})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def _measure_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                          datamodule: CurriculumDataModule) -> Tensor:
+        """(D, [n, Σx, Σx²]) of the snapshot's per-example losses on each dataset's difficulty sample, over ranks."""
+        sums = torch.zeros(len(datamodule.names), 3, dtype=torch.float64, device=pl_module.device)
+        for index in range(len(datamodule.names)):
+            for batch in datamodule.difficulty_batches(index, trainer.global_rank, trainer.world_size):
+                batch = {k: v.to(pl_module.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                try:
+                    losses = example_losses(self.snapshot, batch).double()  # (B,)
+                except ValueError as err:
+                    raise ValueError(f"datasets.{datamodule.names[index]}: {err}") from err
+                sums[index] += torch.stack([torch.tensor(float(len(losses)), device=losses.device), losses.sum(),
+                                            losses.square().sum()])
+        return trainer.strategy.reduce(sums, reduce_op="sum")
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
