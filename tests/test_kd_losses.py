@@ -478,3 +478,17 @@ def test_shape_mismatch_raises(labels_shape, teacher_shape):
 def test_token_divergence_shape_mismatch_raises():
     with pytest.raises(ValueError, match="align_vocab"):
         token_divergence(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_a_bf16_students_chunked_gradient_is_the_fp32_gradient_rounded_once():
+    # The mean's 1/N is applied in fp32 inside each chunk: the stored bf16 gradient is rounded once, not twice.
+    generator = torch.Generator().manual_seed(0)
+    student = (torch.randn(2, 16, 257, generator=generator) * 3).to(torch.bfloat16)
+    teacher = torch.randn(2, 16, 257, generator=generator) * 3
+    labels = torch.randint(0, 257, (2, 16), generator=generator)
+    labels[0, :5] = -100
+    reference = student.float().requires_grad_(True)
+    kd_loss(reference, teacher, labels, temperature=2.0)[0].backward()
+    chunked = student.clone().requires_grad_(True)
+    kd_loss(chunked, teacher, labels, temperature=2.0, chunk_size=5)[0].backward()
+    assert torch.equal(chunked.grad, reference.grad.to(torch.bfloat16))

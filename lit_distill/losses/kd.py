@@ -289,7 +289,12 @@ def reduce_kd(student_logits: Tensor, teacher: tuple[Tensor, ...], labels: Tenso
     what ``kd_loss`` and ``topk_kd_loss`` share once their per-chunk ``chunk_sums`` is fixed."""
     mask = labels != ignore_index  # (B, T)
     num_tokens = mask.sum()
+    denominator = num_tokens.clamp(min=1)  # an all-masked batch has zero sums: its mean is 0, not NaN
     weights = torch.tensor([alpha, (1.0 - alpha) * temperature ** 2], dtype=dtype, device=student_logits.device)
+    if reduction == "mean":
+        # 1/N inside the weights: a chunk's gradient is scaled in fp32 and rounded to the student's dtype once,
+        # rather than stored rounded and scaled (rounded) again in backward.
+        weights = weights / denominator
     if chunk_size is None:
         # Indexing the (B, T, ...) views with the (B, T) mask copies only the unmasked rows, even from the
         # non-contiguous slices made by the causal shift and align_vocab; rows that are all scored (a caller's
@@ -305,10 +310,6 @@ def reduce_kd(student_logits: Tensor, teacher: tuple[Tensor, ...], labels: Tenso
         loss, sums = ChunkedKD.apply(student_logits, teacher, labels, mask.nonzero(), weights, chunk_size,
                                      chunk_sums)
     ce_sum, divergence_sum = sums.detach().unbind()  # (2,) -> two scalars
-
-    denominator = num_tokens.clamp(min=1)  # an all-masked batch has zero sums: its mean is 0, not NaN
-    if reduction == "mean":
-        loss = loss / denominator
     stats = KDStats(divergence=divergence_sum.detach() / denominator, ce=ce_sum.detach() / denominator,
                     num_tokens=num_tokens)
     return loss, stats
