@@ -96,11 +96,18 @@ def arm_overrides(arm: str, student: str, args: argparse.Namespace, out: Path) -
     if arm == "kd_live":
         overrides += ["--model.init_args.logit_cache", "null"]
     if student == "scratch":  # the config student's architecture source, resized, random weights
-        source = yaml.safe_load(Path(args.config).read_text())["model"]["init_args"]["student"]["name_or_path"]
+        source = student_source(args.config)
         overrides += ["--model.init_args.student", f"{{name_or_path: {source}, from_scratch: true, keep_layers: null, "
                       f"config: {args.scratch_config}}}", "--model.init_args.optimizer.init_args.lr",
                       str(args.scratch_lr)]
     return overrides
+
+
+def student_source(configs: list[str]):
+    """The student's ``name_or_path`` in the last of the composed ``configs`` that sets it."""
+    sources = [((yaml.safe_load(Path(config).read_text()) or {}).get("model", {}).get("init_args", {})
+                .get("student", {}) or {}).get("name_or_path") for config in configs]
+    return next((source for source in reversed(sources) if source), None)
 
 
 def best_held_out(metrics_csv: Path) -> dict:
@@ -171,7 +178,8 @@ def plot(results: dict, out: Path) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a DistillModule config with a logit_cache")
+    parser.add_argument("--config", required=True, action="append",
+                        help="a DistillModule config with a logit_cache; repeated, they compose left to right")
     parser.add_argument("--out", default="runs/distill_comparison", type=Path)
     parser.add_argument("--students", nargs="+", choices=("cut", "scratch"), default=["cut", "scratch"])
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
@@ -189,7 +197,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(f"{out / 'results.json'} exists: choose another --out (runs are never overwritten)")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "lit_distill"]
-    build_s, _ = run(cli + ["cache-teacher", "--config", args.config, "--output", str(out / "teacher_cache")]
+    configs = [argument for config in args.config for argument in ("--config", config)]
+    build_s, _ = run(cli + ["cache-teacher", *configs, "--output", str(out / "teacher_cache")]
                   + args.overrides, out / "cache_teacher.log")
     from lit_distill.teachers.logit_cache import cache_size
 
@@ -199,7 +208,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     threads = max(1, (os.cpu_count() or 1) // len(args.arms)) if args.parallel else None
     for student in args.students:
         results["students"][student] = {}
-        commands = {arm: (cli + ["fit", "--config", args.config] + arm_overrides(arm, student, args, out),
+        commands = {arm: (cli + ["fit", *configs] + arm_overrides(arm, student, args, out),
                           out / f"{student}_{arm}.log") for arm in args.arms}
         for arm, (wall, peak) in run_arms(commands, threads).items():
             name = f"{student}_{arm}"

@@ -1,8 +1,11 @@
 """The CLI end to end: every config parses, the quickstart improves its metrics, the seed config runs on local
 directories, and a 2-process CPU DDP run matches a 1-process run on the same global batch."""
 
+import difflib
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +26,14 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_parses_and_starts_with_its_command(config, capsys):
-    text = (ROOT / config).read_text()
-    assert text.startswith("#") and f"--config {config}" in text.split("\n\n")[0].split("seed_everything")[0]
+    """The header comment's fit command names the config last (after its base, for an overlay), and parses."""
+    header = list(itertools.takewhile(lambda line: line.startswith("#"), (ROOT / config).read_text().splitlines()))
+    command = next(line for line in header if "lit_distill fit" in line)
+    configs = re.findall(r"--config (\S+)", command.split("lit_distill fit", 1)[1])
+    assert configs and configs[-1] == config, command
     with pytest.raises(SystemExit) as exit_info:
-        LitDistillCLI(args=["fit", "--config", str(ROOT / config), "--print_config"])
+        LitDistillCLI(args=["fit", *(argument for name in configs for argument in ("--config", str(ROOT / name))),
+                            "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
 
@@ -144,9 +151,26 @@ def test_sft_reward_dpo_ppo_quickstarts_chain_through_saved_models(tmp_path):
     assert (reward_dir / "score_head.pt").exists() and (tmp_path / "dpo" / "model.safetensors").exists()
 
 
+def test_no_two_configs_share_most_of_their_lines():
+    """A variant of a config is an overlay of it (a second --config), not a copy that drifts from it."""
+    def settings(path: Path) -> list[str]:
+        return [line.rstrip() for line in path.read_text().splitlines() if line.strip() and
+                not line.strip().startswith("#")]
+
+    configs = {path.relative_to(ROOT): settings(path) for path in sorted((ROOT / "configs").rglob("*.yaml"))}
+    copies = []
+    for (a, lines_a), (b, lines_b) in itertools.combinations(configs.items(), 2):
+        shared = sum(block.size for block in
+                     difflib.SequenceMatcher(None, lines_a, lines_b, autojunk=False).get_matching_blocks())
+        if shared > 0.8 * min(len(lines_a), len(lines_b)):
+            copies.append(f"{a} and {b}: {shared} of {min(len(lines_a), len(lines_b))} lines")
+    assert not copies, "make one an overlay of the other:\n" + "\n".join(copies)
+
+
 @pytest.mark.parametrize("pico", ["transformer", "lstm", "kgram"])
 def test_pico_quickstarts_distil_the_teacher(pico, tmp_path):
-    LitDistillCLI(args=["fit", "--config", str(ROOT / f"configs/pico/{pico}.yaml"), "--trainer.max_steps", "40",
+    LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config",
+                        str(ROOT / f"configs/pico/{pico}.yaml"), "--trainer.max_steps", "40",
                         "--trainer.val_check_interval", "40", "--data.init_args.embedded_documents", "400",
                         "--trainer.logger.init_args.save_dir", str(tmp_path),
                         "--model.init_args.save_dir", str(tmp_path / "student")])

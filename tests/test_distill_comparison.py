@@ -23,7 +23,8 @@ def run(args, cwd, timeout=1200):
 @pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
 def test_comparison_runs_every_arm_and_never_overwrites(tmp_path, parallel):
     out = tmp_path / "comparison"
-    command = [str(ROOT / "bin/distill_comparison.py"), "--config", "configs/distill/cache_quickstart.yaml",
+    command = [str(ROOT / "bin/distill_comparison.py"), "--config", "configs/quickstart.yaml",
+               "--config", "configs/distill/cache_quickstart.yaml",
                "--out", str(out), "--students", "cut", "--steps", "4", "--val-every", "4",
                *(["--parallel"] if parallel else []), "--",
                "--data.init_args.embedded_documents", "60", "--data.init_args.block_size", "32",

@@ -19,11 +19,14 @@ def examples(tmp_path_factory):
     return directory
 
 
-def fit(config: str, data_file: Path, tmp_path: Path, *extra: str, overlay: Path = None) -> dict[str, list[float]]:
-    """Two training steps (or more, as ``extra`` arguments say) and a validation pass of ``config`` on ``data_file``:
-    the logged metrics by name. ``overlay`` is a second config composed over the first."""
-    overlays = ["--config", str(overlay)] if overlay else []
-    cli = LitDistillCLI(args=["fit", "--config", str(ROOT / config), *overlays, "--data.init_args.path", str(data_file),
+def fit(config: str | list[str], data_file: Path, tmp_path: Path, *extra: str,
+        overlay: Path = None) -> dict[str, list[float]]:
+    """Two training steps (or more, as ``extra`` arguments say) and a validation pass of ``config`` (a list:
+    composed) on ``data_file``: the logged metrics by name. ``overlay`` is one more config composed over them."""
+    configs = [str(ROOT / name) for name in ([config] if isinstance(config, str) else config)]
+    configs += [str(overlay)] if overlay else []
+    cli = LitDistillCLI(args=["fit", *(argument for name in configs for argument in ("--config", name)),
+                              "--data.init_args.path", str(data_file),
                               "--data.init_args.batch_size", "4", "--trainer.max_steps", "2",
                               "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
                               "--trainer.logger.init_args.save_dir", str(tmp_path),
@@ -35,9 +38,10 @@ def fit(config: str, data_file: Path, tmp_path: Path, *extra: str, overlay: Path
 
 @pytest.mark.parametrize("config, data_file, metric", [
     ("configs/sft/chat_quickstart.yaml", "messages", "val/ppl"),
-    ("configs/sft/text.yaml", "text", "val/ppl"),
-    ("configs/sft/prompt_completion.yaml", "prompt_completion", "val/ppl"),
-    ("configs/sft/prompt_completion.yaml", "conversational_prompt_completion", "val/ppl"),
+    (["configs/sft/chat_quickstart.yaml", "configs/sft/text.yaml"], "text", "val/ppl"),
+    (["configs/sft/chat_quickstart.yaml", "configs/sft/prompt_completion.yaml"], "prompt_completion", "val/ppl"),
+    (["configs/sft/chat_quickstart.yaml", "configs/sft/prompt_completion.yaml"], "conversational_prompt_completion",
+     "val/ppl"),
     ("configs/dpo/preference.yaml", "preference", "val/accuracy"),
     ("configs/dpo/preference.yaml", "conversational_preference", "val/accuracy"),
     ("configs/dpo/preference.yaml", "implicit_preference", "val/accuracy"),
@@ -69,7 +73,8 @@ def test_distillation_live_and_from_the_logit_cache_and_ppo_take_it(examples, tm
     live = fit("configs/quickstart.yaml", examples / "messages.jsonl", tmp_path / "live", overlay=chat)
     assert live["val/kd_divergence"]
     cache = tmp_path / "cache"
-    cached = fit("configs/distill/cache_quickstart.yaml", examples / "messages.jsonl", tmp_path / "cached",
+    cached = fit(["configs/quickstart.yaml", "configs/distill/cache_quickstart.yaml"], examples / "messages.jsonl",
+                 tmp_path / "cached",
                  "--model.init_args.logit_cache.path", str(cache), overlay=chat)
     assert cached["val/kd_divergence"] and (cache / "cache.json").exists()
     prompts = tmp_path / "prompts.yaml"

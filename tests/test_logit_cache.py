@@ -209,15 +209,16 @@ def test_grad_accumulation_4x1_equals_1x4_from_the_cache(tmp_path, llama_dir):
 
 
 def test_cache_teacher_command_then_fit_from_the_cache(tmp_path, capsys):
-    config = str(ROOT / "configs/distill/cache_quickstart.yaml")
+    configs = ["--config", str(ROOT / "configs/quickstart.yaml"), "--config",
+               str(ROOT / "configs/distill/cache_quickstart.yaml")]
     short = ["--data.init_args.embedded_documents", "60", "--data.init_args.block_size", "32",
              "--data.init_args.max_blocks", "{validation: 8}"]
-    main(["cache-teacher", "--config", config, *short, "--output", str(tmp_path / "cache")])
+    main(["cache-teacher", *configs, *short, "--output", str(tmp_path / "cache")])
     assert "teacher cache" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "cache" / "cache.json").read_text())
     assert manifest["top_k"] == 64 and manifest["teacher"]["name_or_path"] == "lit-distill/tiny-teacher"
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.safetensors")}
-    main(["fit", "--config", config, *short, "--model.init_args.logit_cache.path", str(tmp_path / "cache"),
+    main(["fit", *configs, *short, "--model.init_args.logit_cache.path", str(tmp_path / "cache"),
           "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
           "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
           "--model.init_args.save_dir", str(tmp_path / "student")])
@@ -245,7 +246,8 @@ def test_cache_teacher_needs_a_cache_path(tmp_path, capsys):
 
 def test_ddp_two_processes_from_the_cache_match_one_process(llama_dir, tmp_path):
     """2 ranks × 4 vs 1 × 8 from one cache (built by the 2-rank run, its shards shared between the ranks)."""
-    common = ["fit", "--config", str(ROOT / "configs/distill/cache_quickstart.yaml"),
+    common = ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config",
+              str(ROOT / "configs/distill/cache_quickstart.yaml"),
               "--model.init_args.teacher.name_or_path", llama_dir, "--model.init_args.student.tokenizer", llama_dir,
               "--data.init_args.tokenizer", llama_dir, "--data.init_args.embedded_documents", "200",
               "--data.init_args.block_size", "32", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
