@@ -28,10 +28,10 @@ from lit_distill.models.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-# Local file suffixes and the ``datasets`` builder that reads them.
 # Rows of each split that ``check_rows`` encodes before any model loads.
 CHECKED_ROWS = 16
 
+# Local file suffixes and the ``datasets`` builder that reads them.
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 

@@ -10,6 +10,6 @@ from lit_distill.losses.rl import (KL_ESTIMATORS, SCALE_REWARDS, gae, group_adva
 
 __all__ = ["DIVERGENCES", "DPO_LOSS_TYPES", "DPOStats", "GRPOStats", "GRPO_LOSS_TYPES", "KDStats", "KL_ESTIMATORS",
            "PolicyStats", "RewardStats", "SCALE_REWARDS", "ValueStats", "align_vocab", "clipped_policy_loss",
-           "clipped_value_loss", "dpo_loss", "gae", "group_advantages", "grpo_denominator", "grpo_loss", "step_denominators", "kd_loss", "kl_estimate",
-           "masked_mean", "masked_sum", "masked_var", "masked_whiten", "reward_loss", "sequence_logprobs_from_logits",
-           "token_divergence", "token_logprobs", "topk_kd_loss"]
+           "clipped_value_loss", "dpo_loss", "gae", "group_advantages", "grpo_denominator", "grpo_loss", "kd_loss",
+           "kl_estimate", "masked_mean", "masked_sum", "masked_var", "masked_whiten", "reward_loss",
+           "sequence_logprobs_from_logits", "step_denominators", "token_divergence", "token_logprobs", "topk_kd_loss"]
