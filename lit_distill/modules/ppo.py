@@ -35,6 +35,7 @@ from lit_distill.rewards import Reward
 
 class PPOModule(OnlineRLModule):
     eval_modules = (*OnlineRLModule.eval_modules, "value_model")
+
     def __init__(self, policy: ModelSpec, rewards: Sequence[Reward], reward_weights: Optional[list[float]] = None,
                  reference: Optional[ModelSpec] = None, value_model: Optional[ModelSpec] = None,
                  kl_coef: float = 0.05, kl_estimator: str = "k1", missing_eos_penalty: Optional[float] = None,
