@@ -72,6 +72,31 @@ class PicoTransformerConfig(PicoConfig):
             raise ValueError(f"mlp must be 'swiglu' or 'gelu', got '{self.mlp}'")
 
 
+def sdpa_mask(attention_mask: Optional[Tensor], past: int, length: int, device: torch.device) -> Optional[Tensor]:
+    """The attention mask of the S new queries (positions past .. T - 1) over the T keys, for SDPA; or None.
+
+    None when no row is padded and either nothing is cached (plain causal attention, SDPA's ``is_causal``) or
+    there is one query (it sees every key): SDPA can then use its flash kernel, which takes no mask. This costs
+    one device sync (``attention_mask.all()``) when a mask is given.
+
+    Otherwise (B or 1, 1, S, T) bool, True = attend: query i sees key j <= past + i whose mask is 1. It always sees
+    itself, so a padded query has a finite (meaningless) output instead of the NaN of an all-masked softmax row;
+    real queries never see padded keys, so padding cannot leak into real positions.
+
+    Args:
+        attention_mask: (B, T) 1 on real tokens, or None (no padding).
+    """
+    if (past == 0 or length == 1) and (attention_mask is None or bool(attention_mask.all())):
+        return None
+    total = past + length
+    real = (attention_mask.bool() if attention_mask is not None
+            else torch.ones(1, total, dtype=torch.bool, device=device))  # several new tokens after a cache
+    query_index = torch.arange(past, total, device=device)[:, None]  # (S, 1)
+    key_index = torch.arange(total, device=device)[None, :]  # (1, T)
+    visible = (key_index <= query_index) & (real[:, None, :] | (key_index == query_index))  # (B, S, T)
+    return visible[:, None]
+
+
 class PicoRMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -110,9 +135,9 @@ class PicoAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, x: Tensor, mask: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
+    def forward(self, x: Tensor, mask: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor],
                 past_key_values: Optional[Cache] = None) -> Tensor:
-        """(B, S, H) -> (B, S, H); ``mask`` (B, 1, S, T) bool, True = attend."""
+        """(B, S, H) -> (B, S, H); ``mask`` is :func:`sdpa_mask`'s."""
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, S, d)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, kv, S, d)
@@ -124,7 +149,8 @@ class PicoAttention(nn.Module):
         if self.num_kv_heads != self.num_heads:
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
             v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        # No mask: either S == T (causal) or S == 1 (sees all keys; is_causal would align it with key 0).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and length > 1,
                                              dropout_p=self.dropout if self.training else 0.0)  # (B, h, S, d)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -152,7 +178,7 @@ class PicoTransformerBlock(GradientCheckpointingLayer):
         self.mlp = PicoMLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden: Tensor, mask: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
+    def forward(self, hidden: Tensor, mask: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor],
                 past_key_values: Optional[Cache] = None) -> Tensor:
         hidden = hidden + self.dropout(self.self_attn(self.input_layernorm(hidden), mask, cos, sin, past_key_values))
         return hidden + self.dropout(self.mlp(self.post_attention_layernorm(hidden)))
@@ -202,22 +228,15 @@ class PicoTransformerModel(PicoTransformerPreTrainedModel):
             past_key_values = DynamicCache()
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         total = past + length
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, total, dtype=torch.long, device=hidden.device)
-        elif attention_mask.size(1) == length and past:
+        if attention_mask is not None and attention_mask.size(1) == length and past:
             raise ValueError("with a cache, attention_mask must cover the cached tokens and the new ones")
-        elif attention_mask.size(1) != total:
+        if attention_mask is not None and attention_mask.size(1) != total:
             raise ValueError(f"attention_mask has {attention_mask.size(1)} columns, expected {total}")
-        if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]  # (B, S)
-
-        # Query i (absolute index past + i) sees key j <= past + i whose mask is 1. It always sees itself, so a
-        # padded query has a finite (meaningless) output instead of the NaN of an all-masked softmax row; real
-        # queries never see padded keys, so padding cannot leak into real positions.
-        query_index = torch.arange(past, total, device=hidden.device)[:, None]  # (S, 1)
-        key_index = torch.arange(total, device=hidden.device)[None, :]  # (1, T)
-        visible = (key_index <= query_index) & (attention_mask.bool()[:, None, :] | (key_index == query_index))
-        mask = visible[:, None]  # (B, 1, S, T) bool, True = attend
+        if position_ids is None and attention_mask is None:
+            position_ids = torch.arange(past, total, device=hidden.device).expand(batch, -1)  # (B, S)
+        elif position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        mask = sdpa_mask(attention_mask, past, length, hidden.device)
 
         cos = sin = None
         if self.config.position_embedding == "rope":
