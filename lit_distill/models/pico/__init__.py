@@ -32,10 +32,12 @@ batched pass instead of a per-token loop. Logits at padded positions are those o
 All three also mix in ``GenerationMixin``: HF ``model.generate`` passes their own cache objects back unchanged and
 gives the same greedy tokens as our engine.
 
-Loading a saved pico model in a fresh Python process needs the registration first: ``import lit_distill.models``
-(or ``lit_distill.models.pico``; a bare ``import lit_distill`` does not import it) before
-``AutoModelForCausalLM.from_pretrained(path)``, otherwise transformers reports an unknown model type.
-``build_model`` / ``ModelSpec(name_or_path=...)`` already import it.
+Loading a saved pico model: after ``import lit_distill.models`` (or ``lit_distill.models.pico``; a bare ``import
+lit_distill`` does not import it), ``AutoModelForCausalLM.from_pretrained(path)`` finds the registered classes;
+``build_model`` / ``ModelSpec(name_or_path=...)`` import it. Without lit_distill, ``from_pretrained(path,
+trust_remote_code=True)`` runs the code ``save_pretrained`` copied into ``path`` (``auto_map`` in config.json names
+it): the model's file and ``common.py``, which import only torch, transformers and huggingface_hub. Directories saved
+before the copy existed have no ``auto_map`` and need the import.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -47,11 +49,17 @@ from .transformer import (PicoAttention, PicoMLP, PicoRMSNorm, PicoTransformerBl
                           PicoTransformerForCausalLM, PicoTransformerModel, PicoTransformerPreTrainedModel,
                           apply_rotary, rotary_cos_sin)
 
+# The registration serves processes that import this package (no trust_remote_code needed, and these classes win
+# over the saved code copy); register_for_auto_class makes save_pretrained write `auto_map` to config.json and copy
+# the model's file with its relative imports (common.py), for processes without lit_distill.
 for _config, _model in ((PicoTransformerConfig, PicoTransformerForCausalLM), (PicoLSTMConfig, PicoLSTMForCausalLM),
                         (PicoKGramConfig, PicoKGramForCausalLM)):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModelForCausalLM.register(_config, _model, exist_ok=True)
+    _config.register_for_auto_class()
+    _model.register_for_auto_class("AutoModelForCausalLM")
 AutoModel.register(PicoTransformerConfig, PicoTransformerModel, exist_ok=True)
+PicoTransformerModel.register_for_auto_class("AutoModel")
 
 PICO_MODEL_TYPES = ("pico_transformer", "pico_lstm", "pico_kgram")
 

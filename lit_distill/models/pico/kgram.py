@@ -5,6 +5,9 @@ MLP -> vocabulary); missing context (sequence start) uses a learned "empty" embe
 :class:`PicoKGramCache` holding the last ``context_size - 1`` real tokens of each row; ``position_ids`` are ignored
 and a masked token enters no context.
 
+Imports only torch, transformers, huggingface_hub and ``.common``: ``save_pretrained`` copies this file and
+``common.py`` next to the weights, for loading without lit_distill (see the package docstring).
+
 Shapes: B batch rows, S new tokens, k ``context_size``, E ``embedding_size``, V vocabulary size.
 """
 

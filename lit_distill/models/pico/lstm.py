@@ -3,6 +3,9 @@
 The cache is the recurrent state, a :class:`PicoLSTMState` holding ``(h, c)``. ``position_ids`` are ignored (the
 recurrence orders the tokens) and a masked token never changes the state.
 
+Imports only torch, transformers, huggingface_hub and ``.common``: ``save_pretrained`` copies this file and
+``common.py`` next to the weights, for loading without lit_distill (see the package docstring).
+
 Shapes: B batch rows, S new tokens, L layers, H hidden size, V vocabulary size.
 """
 

@@ -5,6 +5,9 @@ RMSNorm, rotary (``position_embedding="rope"``) or learned (``"learned"``) posit
 (``mlp="swiglu"``) or GELU (``"gelu"``) MLP, optionally tied embeddings. The cache is a ``transformers.DynamicCache``
 (keys / values per layer); gradient checkpointing is supported.
 
+Imports only torch, transformers, huggingface_hub and ``.common``: ``save_pretrained`` copies this file and
+``common.py`` next to the weights, for loading without lit_distill (see the package docstring).
+
 Shapes: B batch rows, S new tokens, T = past + S positions, H hidden size, h / kv query / key-value heads, d head
 dimension, V vocabulary size.
 """
