@@ -33,9 +33,9 @@ from typing import Optional
 
 import yaml
 
+from lit_distill.commands.plot import read_metric_series
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bin"))
-from plot_metrics import read_metric_series  # noqa: E402
 
 SCRATCH_CONFIG = ('{num_hidden_layers: 4, hidden_size: 256, intermediate_size: 768, num_attention_heads: 4, '
                   'num_key_value_heads: 2}')

@@ -3,23 +3,25 @@
 LightningCLI in subclass mode: ``model`` and ``data`` take a ``class_path`` to any LightningModule or
 LightningDataModule, the package's or a user's, and several ``--config`` files compose left to right.
 
-Other commands: ``cache-teacher --config X.yaml`` (the teacher-logit cache of a DistillModule config),
-``write-data`` (teacher-written training text) and ``export`` (adapters, merged weights, GGUF).
+The other commands (``cache-teacher``, ``write-data``, ``export``, ``generate``, ``plot``, ``bench``, ...) are in
+:data:`COMMANDS`; ``python -m lit_distill --help`` lists them all.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Literal, Optional
 
 import lightning as L
 import torch
-from jsonargparse import ArgumentParser
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback, _InstantiatorFn
+from jsonargparse import ArgumentParser, DefaultHelpFormatter
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import lit_distill.data  # noqa: F401  (registers the DataModules for short class names)
@@ -36,24 +38,8 @@ class ConciseParser(LightningArgumentParser):
     def error(self, message: str, ex: Optional[Exception] = None):
         if not self.exit_on_error or debugging():
             super().error(message, ex)
-        command = self.prog.replace(" [options]", "").replace("__main__.py", "python -m lit_distill")
+        command = self.prog.replace(" [options]", "")
         exit_with(f"{concise(message)}\n(see {command} --help)")
-
-
-class _TopLevelInstantiator(_InstantiatorFn):
-    """Lightning's instantiator hands the ``model``/``data`` config to the module as its hyperparameters, but it
-    is registered for every LightningDataModule subclass, so DataModules nested in the config (the datasets of a
-    CurriculumDataModule) would receive their parent's config. Only the configured top-level class gets it here;
-    nested ones save their own arguments."""
-
-    def __call__(self, class_type, *args, applied_instantiation_links: dict, **kwargs):
-        self.cli._dump_config()
-        class_path = self.cli.config_dump.get(self.key, {}).get("class_path", "")
-        module_name, _, name = class_path.rpartition(".")
-        if module_name and getattr(importlib.import_module(module_name), name, None) is not class_type:
-            return class_type(*args, **kwargs)
-        return super().__call__(class_type, *args, applied_instantiation_links=applied_instantiation_links,
-                                **kwargs)
 
 
 class SaveConfigToRunFolder(SaveConfigCallback):
@@ -65,10 +51,28 @@ class SaveConfigToRunFolder(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
-COMMANDS_HELP = """other commands (each takes --help):
-  cache-teacher --config X.yaml [--output DIR]   cache a DistillModule config's teacher top-k log-probs (resumable)
-  write-data --model M --prompts P --output F    have a teacher write completions of prompts (sequence-level KD)
-  export SOURCE --output DIR --formats ...       LoRA adapter, merged weights, GGUF"""
+PROG = "python -m lit_distill"  # also the ``lit-distill`` console script
+# The commands beside LightningCLI's fit/validate/test/predict: name -> ("module:function" called with the
+# remaining arguments, its line in --help). Imported only when run, so each pays only for what it needs.
+COMMANDS = {
+    "cache-teacher": ("lit_distill.cli:cache_teacher", "cache a DistillModule config's teacher top-k log-probs "
+                                                       "(resumable)"),
+    "write-data": ("lit_distill.teachers.writing:main", "have a teacher write completions of prompts (sequence-level "
+                                                        "KD data)"),
+    "generate-questions": ("lit_distill.commands.questions:main", "have a teacher write questions on topics (the "
+                                                                   "agent loop's data)"),
+    "generate": ("lit_distill.commands.generate:main", "completions from a saved model, .ckpt, .gguf or hub id"),
+    "export": ("lit_distill.export.command:main", "LoRA adapter, merged weights, GGUF"),
+    "plot": ("lit_distill.commands.plot:main", "a CSVLogger run's metrics as PNG plots"),
+    "bench": ("lit_distill.bench.__main__:main", "benchmarks: training loops (vs TRL), sampling, MFU, KD memory"),
+    "train-tokenizer": ("lit_distill.commands.tokenizer:main", "rebuild the shipped BPE tokenizer"),
+}
+COMMANDS_HELP = "other commands (each takes --help):\n" + "\n".join(
+    f"  {name:<20}{summary}" for name, (_, summary) in COMMANDS.items())
+
+
+class KeepEpilogLines(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help layout, with the epilog's command list kept one command per line."""
 
 
 class LitDistillCLI(LightningCLI):
@@ -82,7 +86,8 @@ class LitDistillCLI(LightningCLI):
             auto_configure_optimizers=False,
             save_config_callback=SaveConfigToRunFolder,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"epilog": COMMANDS_HELP} if run else {"description": CacheTeacherCLI.__doc__},
+            parser_kwargs=({"prog": PROG, "epilog": COMMANDS_HELP, "formatter_class": KeepEpilogLines} if run
+                           else {"prog": f"{PROG} cache-teacher", "description": CacheTeacherCLI.__doc__}),
             parser_class=ConciseParser,
             trainer_defaults={"callbacks": [RemoveEmptyRunFolder()]},  # added to the config's callbacks
             args=args,
@@ -148,11 +153,6 @@ class LitDistillCLI(LightningCLI):
             if hasattr(datamodule, "check_rows"):
                 datamodule.check_rows(getattr(_import(config.model.class_path), "data_task", None))
 
-    def _add_instantiators(self) -> None:
-        self.parser.add_instantiator(_TopLevelInstantiator(cli=self, key="model"), L.LightningModule, subclasses=True)
-        self.parser.add_instantiator(_TopLevelInstantiator(cli=self, key="data"), L.LightningDataModule,
-                                     subclasses=True)
-
 
 class CacheTeacherCLI(LitDistillCLI):
     """python -m lit_distill cache-teacher --config X.yaml [--output DIR]: run the teacher of a DistillModule config
@@ -201,6 +201,12 @@ class CacheTeacherCLI(LitDistillCLI):
               f"({size / max(positions, 1):.0f} bytes per position) in {time.perf_counter() - start:.1f} s")
 
 
+def cache_teacher(argv: list[str]) -> None:
+    with warnings.catch_warnings():  # Lightning warns that sys.argv also holds arguments: the command's name
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        CacheTeacherCLI(args=argv)
+
+
 def distill_module_arguments(init_args: dict):
     """A DistillModule config's ``init_args`` parsed and typed as the CLI types them (ModelSpec, LogitCacheSpec,
     ... instantiated), without building the module: a Namespace of its arguments."""
@@ -217,7 +223,7 @@ def _import(class_path: str):
 
 
 def main(args=None) -> None:
-    """``export``/``cache-teacher``/``write-data`` go to their commands; everything else to LightningCLI (``fit``,
+    """A command of :data:`COMMANDS` runs its function; everything else goes to LightningCLI (``fit``,
     ``validate``, ...). A user error ends the run with one message and exit code 2 (see :mod:`lit_distill.errors`)."""
     try:
         _dispatch(sys.argv[1:] if args is None else args, args)
@@ -239,15 +245,8 @@ def main(args=None) -> None:
 
 def _dispatch(argv, args) -> None:
     command = argv[0] if isinstance(argv, list) and argv else None
-    if command == "export":
-        from lit_distill.export.command import main as export_main
-
-        export_main(argv[1:])
-    elif command == "cache-teacher":
-        CacheTeacherCLI(args=argv[1:])
-    elif command == "write-data":
-        from lit_distill.teachers.writing import main as write_data_main
-
-        write_data_main(argv[1:])
+    if command in COMMANDS:
+        module_name, _, function = COMMANDS[command][0].partition(":")
+        getattr(importlib.import_module(module_name), function)(argv[1:])
     else:
         LitDistillCLI(args=args)

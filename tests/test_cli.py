@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lit_distill.cli import LitDistillCLI
+from lit_distill.cli import COMMANDS, LitDistillCLI, main
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
@@ -36,6 +36,22 @@ def test_every_config_parses_and_starts_with_its_command(config, capsys):
                             "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
+
+
+def test_help_lists_every_command_and_each_command_has_its_own_help(capsys):
+    """One entry point: ``--help`` names LightningCLI's subcommands and every other command, and each of those
+    answers ``--help`` with a usage under its own name (so none is a script pip would not install)."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = capsys.readouterr().out
+    assert listing.startswith("usage: python -m lit_distill ")
+    for name in ("fit", "validate", "test", "predict", *COMMANDS):
+        assert re.search(rf"^\s+{name}\s", listing, re.MULTILINE), name
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code in (0, None), name
+        assert capsys.readouterr().out.startswith(f"usage: python -m lit_distill {name} "), name
 
 
 def test_configs_compose_left_to_right(tmp_path, capsys):

@@ -1,6 +1,5 @@
 """The embedded corpus generators and the shipped tokenizer trained on them."""
 
-import importlib.util
 import json
 import re
 import time
@@ -9,9 +8,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from lit_distill.cli import main
 from lit_distill.data import corpus
 
-REPO = Path(__file__).resolve().parent.parent
 GENERATORS = [corpus.text_documents, corpus.qa_examples, corpus.arithmetic_problems]
 
 
@@ -153,10 +152,7 @@ def test_shipped_tokenizer_compresses_corpus(tokenizer):
 
 
 def test_shipped_tokenizer_is_reproducible(tmp_path, tokenizer):
-    spec = importlib.util.spec_from_file_location("train_tokenizer", REPO / "bin" / "train_tokenizer.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    script.main(["--out-dir", str(tmp_path)])
+    main(["train-tokenizer", "--out-dir", str(tmp_path)])
 
     shipped = Path(corpus.default_tokenizer_path())
     assert json.loads((tmp_path / "tokenizer.json").read_text()) == json.loads((shipped / "tokenizer.json").read_text())

@@ -1,9 +1,8 @@
-"""bin/generate.py: saved directories and Lightning checkpoints, prompt files, batching, errors."""
+"""python -m lit_distill generate: saved directories and Lightning checkpoints, prompt files, batching, errors."""
 
 import glob
-import importlib.util
+import importlib
 import json
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -16,16 +15,12 @@ from lit_distill.modules import SFTModule
 from lit_distill.rollout import generate
 from lit_distill.rollout.sampling import left_pad
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["Anna lives in", "The quick brown fox jumps over the lazy", "Hello"]
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("generate_script", REPO / "bin" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("lit_distill.commands.generate")
 
 
 def direct_greedy(model, tokenizer, prompts, max_new_tokens):

@@ -1,7 +1,7 @@
-"""bin/plot_metrics.py: the series it plots are the values a CSVLogger wrote (sparse columns, NaN, several versions),
+"""python -m lit_distill plot: the series it plots are the values a CSVLogger wrote (sparse columns, NaN, several versions),
 the PNGs are valid images of the expected size, the command line and its errors."""
 
-import importlib.util
+import importlib
 import math
 import os
 import subprocess
@@ -16,16 +16,12 @@ from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 from torch.utils.data import DataLoader
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "bin" / "plot_metrics.py"
+COMMAND = [sys.executable, "-m", "lit_distill", "plot"]
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("plot_metrics_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("lit_distill.commands.plot")
 
 
 def log_run(save_dir, version=None):
@@ -99,7 +95,7 @@ def test_command_line_on_the_newest_version(script, tmp_path):
     old_csv, _ = log_run(tmp_path, version=0)
     new_csv, _ = log_run(tmp_path, version=1)
     os.utime(old_csv, (0, 0))  # version_0 is older whatever the file system's time resolution
-    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "run")], capture_output=True, text=True,
+    result = subprocess.run([*COMMAND, str(tmp_path / "run")], capture_output=True, text=True,
                             check=True)
     directory = new_csv.parent
     written = [Path(line) for line in result.stdout.splitlines()]
@@ -173,5 +169,5 @@ def test_errors(script, tmp_path):
     not_metrics.write_text("a,b\n1,2\n")
     with pytest.raises(script.PlotError, match="'step' column"):
         script.plot_metrics(not_metrics)
-    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "missing")], capture_output=True, text=True)
-    assert result.returncode == 1 and result.stderr.startswith("error:") and "does not exist" in result.stderr
+    result = subprocess.run([*COMMAND, str(tmp_path / "missing")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error:") and "does not exist" in result.stderr

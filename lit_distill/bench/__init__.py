@@ -1,4 +1,4 @@
-"""Benchmarks, in one command: ``python -m lit_distill.bench --help``.
+"""Benchmarks, in one command: ``python -m lit_distill bench --help``.
 
 ``workload`` writes the shared models, tokenizer and rows (tiny or SmolLM2); ``timing`` is the one way a training
 loop is timed and the A B A B interleaving; ``trainers`` the settings both sides of a comparison share. One module

@@ -12,12 +12,12 @@ Measurements (NAME arguments; default: every training loop, then ``sampling`` an
   mfu             DistillModule KD step vs a naive PyTorch loop: tokens/s, GFLOP/s, share of the fp32 matmul peak
   kd_memory       kd_loss forward+backward peak memory per chunk size, one subprocess each (slow: only when named)
 
-    python -m lit_distill.bench                                  # training loops + sampling + mfu, tiny models
-    pip install -e '.[bench]' && python -m lit_distill.bench --compare --rounds 3 --json runs/bench/tiny.json
-    python -m lit_distill.bench dpo reward --compare --model smollm2 --batch-size 4 --max-length 128
-    python -m lit_distill.bench kd_memory                        # B4 T512 V50257, chunks none,256,1024
-    python -m lit_distill.bench sampling --model smollm2 --rounds 5   # B8, 64 new tokens, greedy and sampled
-    python -m lit_distill.bench mfu --model smollm2 --rounds 3   # SmolLM2-135M -> 6-layer cut, B4 T128, fp32
+    python -m lit_distill bench                                  # training loops + sampling + mfu, tiny models
+    pip install -e '.[bench]' && python -m lit_distill bench --compare --rounds 3 --json runs/bench/tiny.json
+    python -m lit_distill bench dpo reward --compare --model smollm2 --batch-size 4 --max-length 128
+    python -m lit_distill bench kd_memory                        # B4 T512 V50257, chunks none,256,1024
+    python -m lit_distill bench sampling --model smollm2 --rounds 5   # B8, 64 new tokens, greedy and sampled
+    python -m lit_distill bench mfu --model smollm2 --rounds 3   # SmolLM2-135M -> 6-layer cut, B4 T128, fp32
 
 Training loops: each workload is trained ``--warmup`` + ``--steps`` optimizer steps in a fresh trainer per round;
 with ``--compare`` lit_distill and TRL alternate (A B A B …) for ``--rounds`` rounds in this one process, on the same
@@ -84,7 +84,7 @@ def _argument_type(option: dataclasses.Field):
 
 def parse_args(argv: Optional[list[str]], training: list[str]) -> argparse.Namespace:
     names = [*training, *KERNELS]
-    parser = argparse.ArgumentParser(prog="python -m lit_distill.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lit_distill bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"any of {', '.join(names)} (default: {', '.join([*training, *DEFAULT_KERNELS])})")

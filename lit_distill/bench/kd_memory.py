@@ -1,6 +1,6 @@
 """Peak memory of the KD loss: forward + backward of ``kd_loss`` chunked and unchunked, each in a fresh process.
 
-``python -m lit_distill.bench kd_memory``: forward + backward of ``kd_loss(..., reduction="mean")`` (forward KL,
+``python -m lit_distill bench kd_memory``: forward + backward of ``kd_loss(..., reduction="mean")`` (forward KL,
 alpha 0.5) on random (B, T, V) fp32 student and teacher logits, the student's with ``requires_grad``, once per
 chunk size (``--kd-memory-chunk-sizes``, ``none`` = unchunked), each in a fresh subprocess, so that one variant's
 freed or cached memory cannot hide another's peak.

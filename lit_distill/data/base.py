@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+import inspect
 import logging
 from typing import Callable, Optional, Sequence
 
@@ -25,6 +27,17 @@ class EncodedDataModule(L.LightningDataModule):
     def __init__(self):
         super().__init__()
         self.datasets: dict[str, Sequence[dict]] = {}
+
+    def save_hyperparameters(self, *args, ignore=None, frame=None, logger: bool = True) -> None:
+        """Lightning's, always from this DataModule's own constructor arguments.
+
+        While LightningCLI instantiates the configured DataModule it passes that config to ``save_hyperparameters``
+        through a context variable, and it does so for every DataModule in the config: the datasets of a
+        :class:`~lit_distill.data.CurriculumDataModule` would record their parent's config as theirs. In an empty
+        ``contextvars.Context`` Lightning reads the calling constructors' arguments instead (for the configured
+        DataModule, the same values)."""
+        frame = frame or inspect.currentframe().f_back
+        contextvars.Context().run(super().save_hyperparameters, *args, ignore=ignore, frame=frame, logger=logger)
 
     def build_split(self, split: str) -> Sequence[dict]:
         """The encoded examples of ``split`` (one of :data:`SPLITS`)."""

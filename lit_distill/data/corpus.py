@@ -18,7 +18,7 @@ Uses:
   * :func:`bilingual_pairs`: sentences paired with their rendering in a synthetic language
     (:func:`to_synthetic_language`), for translation-style data;
   * :func:`default_tokenizer_path`: the byte-level BPE tokenizer trained on this corpus by
-    ``bin/train_tokenizer.py`` and shipped with the package.
+    ``python -m lit_distill train-tokenizer`` and shipped with the package.
 
 Each person's facts are sampled once and both the paragraph and the questions are rendered from them, so a
 document never contradicts itself (different documents describe different, independently sampled people).

@@ -79,7 +79,7 @@ class QuestionDataModule(JSONLPromptDataModule):
     Exactly one source:
       * ``path`` with ``format="questions"``: a JSONL file of questions (split by ``validation_fraction``) or a
         directory with ``train.jsonl`` / ``validation.jsonl`` (see :func:`read_question_jsonl`) — e.g. the output
-        of ``bin/generate_questions.py``;
+        of ``python -m lit_distill generate-questions``;
       * ``path`` with ``format="squad"``: anything ``SQuADDataModule(source=...)`` reads: ``"hub"`` (``squad``),
         an official SQuAD JSON file or a directory of them; the prompt is ``prompt_template`` with the context;
       * ``embedded``: ``"qa"`` (the embedded SQuAD-shaped questions), ``"arithmetic"`` ("What is 3 plus 4?") or

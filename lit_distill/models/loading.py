@@ -7,7 +7,7 @@ A model source is any of:
   * no source at all, only ``config`` with a ``model_type``: a randomly initialised model (tests, students).
 
 :func:`load_trained_model` also reads what training writes (a Lightning ``.ckpt``, a peft adapter directory);
-``bin/generate.py`` and ``python -m lit_distill export`` share it.
+``python -m lit_distill generate`` and ``python -m lit_distill export`` share it.
 """
 
 from __future__ import annotations

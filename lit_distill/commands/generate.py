@@ -1,10 +1,10 @@
 """Generate completions from a saved model or a Lightning checkpoint; prints one JSON line per prompt.
 
-    python bin/generate.py runs/sft/model --prompt "Where does Anna live?" --prompt "Who is Tom?"
-    python bin/generate.py lit-distill/tiny-teacher --prompts-file prompts.txt --chat-template none
-    python bin/generate.py smollm2-135m-instruct --prompts-file eval.jsonl --sample --temperature 0.7 --top-p 0.9 \\
+    python -m lit_distill generate runs/sft/model --prompt "Where does Anna live?" --prompt "Who is Tom?"
+    python -m lit_distill generate lit-distill/tiny-teacher --prompts-file prompts.txt --chat-template none
+    python -m lit_distill generate smollm2-135m-instruct --prompts-file eval.jsonl --sample --temperature 0.7 --top-p 0.9 \\
         --seed 0 --max-new-tokens 128 --batch-size 16 --output completions.jsonl
-    python bin/generate.py runs/dpo/checkpoints/last.ckpt --prompt "Question: ..." --device cuda
+    python -m lit_distill generate runs/dpo/checkpoints/last.ckpt --prompt "Question: ..." --device cuda
 
 MODEL is any source :class:`~lit_distill.models.loading.ModelSpec` accepts (a directory written by one of our
 modules' ``save_pretrained`` or by transformers, a hub id, a ``.gguf`` file, an alias such as
@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-class GenerateError(Exception):
+class GenerateError(ValueError):
     """A user-facing error (bad path, empty prompts): printed without a traceback by the command line."""
 
 
@@ -86,7 +86,8 @@ def complete(model, tokenizer, prompts: list[str], *, chat_template: str = "none
 
 # ---- command line -------------------------------------------------------------------------------------------------
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m lit_distill generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="saved model directory, hub id, .gguf file, alias, or Lightning .ckpt")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="one prompt per line, or .jsonl with a 'prompt' field")
@@ -139,9 +140,3 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         sys.stdout.write(text)
     return rows
 
-
-if __name__ == "__main__":
-    try:
-        main()
-    except GenerateError as err:
-        sys.exit(f"error: {err}")

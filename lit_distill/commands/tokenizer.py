@@ -1,7 +1,7 @@
 """Train the shipped byte-level BPE tokenizer on the embedded corpus.
 
-    python bin/train_tokenizer.py                      # rewrites lit_distill/assets/tokenizer
-    python bin/train_tokenizer.py --out-dir /tmp/tok --vocab-size 2048
+    python -m lit_distill train-tokenizer                      # rewrites lit_distill/assets/tokenizer
+    python -m lit_distill train-tokenizer --out-dir /tmp/tok --vocab-size 2048
 
 The corpus is generated from fixed seeds and BPE training is deterministic, so rerunning the script with the
 defaults reproduces the shipped files (tests/test_corpus_tokenizer.py checks this).
@@ -50,7 +50,8 @@ def train(vocab_size: int = 1024, num_documents: int = 4000, seed: int = 0) -> P
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m lit_distill train-tokenizer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default=corpus.default_tokenizer_path())
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--num-documents", type=int, default=4000,
@@ -61,6 +62,3 @@ def main(argv: Optional[list[str]] = None) -> None:
     tokenizer.save_pretrained(args.out_dir)
     print(f"saved a tokenizer of {len(tokenizer)} tokens to {args.out_dir}")
 
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
 """Plot a run's CSV metrics as PNG files, for runs tracked without a wandb or TensorBoard server.
 
-    python bin/plot_metrics.py runs/quickstart                       # the newest version_*/metrics.csv inside
-    python bin/plot_metrics.py runs/quickstart/version_3 --output-dir plots/
-    python bin/plot_metrics.py runs/dpo/version_0/metrics.csv --metrics 'train/*' 'dpo/reward_*'
+    python -m lit_distill plot runs/quickstart                       # the newest version_*/metrics.csv inside
+    python -m lit_distill plot runs/quickstart/version_3 --output-dir plots/
+    python -m lit_distill plot runs/dpo/version_0/metrics.csv --metrics 'train/*' 'dpo/reward_*'
 
 Input: the ``metrics.csv`` a Lightning ``CSVLogger`` writes, or a directory holding one (the logger's save dir, a
 run name, a version directory). A directory with several finds the most recently written one.
@@ -23,7 +23,6 @@ import argparse
 import csv
 import fnmatch
 import math
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -44,7 +43,7 @@ SUMMARY_SIZE = (8.0, 4.5)  # inches
 DPI = 100
 
 
-class PlotError(Exception):
+class PlotError(ValueError):
     """A user-facing error (missing file, nothing to plot): printed without a traceback by the command line."""
 
 
@@ -176,7 +175,8 @@ def plot_metrics(csv_path: str | Path, output_dir: Optional[str | Path] = None,
 
 def main(argv: Optional[list[str]] = None) -> list[Path]:
     """Run the command line; returns the written paths. Raises :class:`PlotError` on bad input."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m lit_distill plot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="a CSVLogger metrics.csv, or a directory holding one (the newest is used)")
     parser.add_argument("--output-dir", help="where the PNGs go (default: next to the CSV)")
     parser.add_argument("--metrics", nargs="+", metavar="PATTERN",
@@ -186,9 +186,3 @@ def main(argv: Optional[list[str]] = None) -> list[Path]:
     print("\n".join(str(path) for path in written))
     return written
 
-
-if __name__ == "__main__":
-    try:
-        main()
-    except PlotError as err:
-        sys.exit(f"error: {err}")

@@ -1,8 +1,8 @@
 """Have a teacher write questions on seed topics, deduplicated, into a question JSONL file for the agent loop.
 
-    python bin/generate_questions.py --model smollm2-135m-instruct --topics "the solar system" "bread baking" \\
+    python -m lit_distill generate-questions --model smollm2-135m-instruct --topics "the solar system" "bread baking" \\
         --per-topic 20 --out runs/questions.jsonl
-    python bin/generate_questions.py --base-url http://127.0.0.1:8000/v1 --model smollm2 --topics rivers --out q.jsonl
+    python -m lit_distill generate-questions --base-url http://127.0.0.1:8000/v1 --model smollm2 --topics rivers --out q.jsonl
 
 Then: ``--data.class_path lit_distill.data.QuestionDataModule --data.init_args.path runs/questions.jsonl``.
 With ``--base-url`` the teacher is an OpenAI-compatible endpoint (key from ``--api-key-env``), else ``--model`` is
@@ -19,7 +19,8 @@ from lit_distill.teachers import CachedTeacher, HTTPTeacher, LocalTeacher, gener
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m lit_distill generate-questions", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="local model (id, dir, .gguf, alias) or the endpoint's model")
     parser.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
@@ -42,6 +43,3 @@ def main(argv: Optional[list[str]] = None) -> None:
     path = write_questions(rows, args.out)
     print(f"wrote {len(rows)} questions on {len(args.topics)} topics to {path}")
 
-
-if __name__ == "__main__":
-    main()
