@@ -12,6 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from lit_distill.models.loading import load_tokenizer
 from lit_distill.rollout import position_ids_from_mask
 
 TOKENIZER = "lit-distill/tokenizer"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -88,3 +90,17 @@ def gpt2_dirs(tmp_path_factory, tokenizer):
     """Teacher and student GPT-2 directories standing in for gpt2-medium and gpt2."""
     return (_save(tiny_gpt2(len(tokenizer), layers=3, hidden=48, seed=2), tokenizer, tmp_path_factory.mktemp("gpt2m")),
             _save(tiny_gpt2(len(tokenizer), layers=2, hidden=32, seed=3), tokenizer, tmp_path_factory.mktemp("gpt2")))
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """A shortened ``configs/quickstart.yaml`` fit (60 steps), laid out as README's commands expect it: the folder
+    holding ``runs/quickstart/version_0`` and the student in ``runs/quickstart/student``."""
+    from lit_distill.cli import LitDistillCLI
+
+    root = tmp_path_factory.mktemp("quickstart")
+    LitDistillCLI(args=["fit", "--config", str(REPO / "configs/quickstart.yaml"), "--trainer.max_steps", "60",
+                        "--trainer.val_check_interval", "60", "--data.init_args.embedded_documents", "600",
+                        "--trainer.logger.init_args.save_dir", str(root / "runs"),
+                        "--model.init_args.save_dir", str(root / "runs/quickstart/student")])
+    return root

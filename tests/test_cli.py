@@ -64,16 +64,13 @@ def test_configs_compose_left_to_right(tmp_path, capsys):
     assert "max_steps: 7" in printed and "temperature: 3.0" in printed and "divergence: forward_kl" in printed
 
 
-def test_quickstart_improves_student_towards_teacher(tmp_path):
-    LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--trainer.max_steps", "60",
-                        "--trainer.val_check_interval", "60", "--data.init_args.embedded_documents", "600",
-                        "--trainer.logger.init_args.save_dir", str(tmp_path),
-                        "--model.init_args.save_dir", str(tmp_path / "student")])
-    report = json.loads(next(tmp_path.rglob("distill_report.json")).read_text())
+def test_quickstart_improves_student_towards_teacher(quickstart_run):
+    report = json.loads(next(quickstart_run.rglob("distill_report.json")).read_text())
     assert report["student_ppl_after"] < 0.5 * report["student_ppl_before"]
     assert report["kd_divergence_after"] < 0.5 * report["kd_divergence_before"]
     assert report["teacher_ppl_after"] < report["student_ppl_after"]
-    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")  # plain transformers loads the result
+    # plain transformers loads the result
+    student = AutoModelForCausalLM.from_pretrained(quickstart_run / "runs/quickstart/student")
     assert student.config.num_hidden_layers == 2
 
 
