@@ -11,6 +11,7 @@ from lit_distill.rollout.sampling import (
     seeded_generator,
     sequence_logprobs,
 )
+from lit_distill.rollout.spec import Sampling
 
-__all__ = ["FinishReason", "Rollout", "generate", "generation_mode", "left_pad", "position_ids_from_mask",
+__all__ = ["FinishReason", "Rollout", "Sampling", "generate", "generation_mode", "left_pad", "position_ids_from_mask",
            "rollout_generator", "seeded_generator", "sequence_logprobs"]
