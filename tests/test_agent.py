@@ -14,7 +14,7 @@ from lit_distill.data import QuestionDataModule
 from lit_distill.data.io import DataFileError
 from lit_distill.models.loading import ModelSpec
 from lit_distill.modules import AgentModule
-from lit_distill.rollout import sequence_logprobs
+from lit_distill.rollout import Sampling, sequence_logprobs
 from lit_distill.teachers import HTTPTeacher, LocalTeacher, Teacher, generate_questions, write_questions
 from lit_distill.teachers.base import TeacherError
 from tests.test_cli import ROOT
@@ -95,7 +95,7 @@ def one_batch(data):
 def test_wrong_answers_get_exactly_the_cross_entropy_of_the_teacher_answer(tmp_path):
     torch.manual_seed(0)
     module = AgentModule(student=ModelSpec(**STUDENT), teacher=ScriptedTeacher(" 8"), similarity="exact",
-                         reward_threshold=1.0, max_new_tokens=3)
+                         reward_threshold=1.0, sampling=Sampling(max_new_tokens=3))
     data = QuestionDataModule(embedded="arithmetic_statements", num_embedded=16, batch_size=4)
     batch = one_batch(data)
     # A random 1-layer student never says "8": every answer is wrong, the loss is the SFT loss on " 8" + EOS.
@@ -127,7 +127,7 @@ def test_correct_answers_get_a_reward_weighted_policy_gradient(tmp_path):
 
     teacher = Echo()
     module = AgentModule(student=ModelSpec(**STUDENT), teacher=teacher, similarity="exact", reward_threshold=1.0,
-                         max_new_tokens=3, temperature=1.0)
+                         sampling=Sampling(max_new_tokens=3, temperature=1.0))
     batch = one_batch(QuestionDataModule(embedded="arithmetic_statements", num_embedded=16, batch_size=4))
     rollout, answers = module.student_answers(batch, greedy=False)
     teacher.replies = answers
@@ -161,7 +161,7 @@ class Unreliable(Teacher):
 
 def test_unanswered_questions_leave_the_step_and_are_counted(caplog):
     module = AgentModule(student=ModelSpec(**STUDENT), teacher=Unreliable(drop={1, 2}), similarity="exact",
-                         reward_threshold=1.0, max_new_tokens=3)
+                         reward_threshold=1.0, sampling=Sampling(max_new_tokens=3))
     batch = one_batch(QuestionDataModule(embedded="arithmetic_statements", num_embedded=16, batch_size=4))
     with caplog.at_level("WARNING"):
         loss, num_tokens, metrics = module.qa_loss(batch)
@@ -174,8 +174,8 @@ def test_unanswered_questions_leave_the_step_and_are_counted(caplog):
 
 
 def test_too_many_unanswered_questions_stop_the_run_with_a_checkpoint(tmp_path):
-    module = AgentModule(student=ModelSpec(**STUDENT), teacher=Unreliable(drop=set(range(4))), max_new_tokens=3,
-                         max_skipped_questions=5)
+    module = AgentModule(student=ModelSpec(**STUDENT), teacher=Unreliable(drop=set(range(4))),
+                         sampling=Sampling(max_new_tokens=3), max_skipped_questions=5)
     trainer = L.Trainer(max_steps=4, accelerator="cpu", default_root_dir=tmp_path, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
     with pytest.raises(TeacherError, match="left 8 questions unanswered, more than max_skipped_questions=5"):
@@ -189,7 +189,7 @@ def test_teacher_answers_are_cached_across_runs_through_a_real_endpoint(server, 
 
     def run():
         module = AgentModule(student=ModelSpec(**STUDENT), teacher=http_teacher(server), teacher_cache=cache,
-                             max_new_tokens=2)
+                             sampling=Sampling(max_new_tokens=2))
         data = QuestionDataModule(path=questions, validation_fraction=0.25, batch_size=3)
         L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, limit_val_batches=0,
                   enable_progress_bar=False).fit(module, datamodule=data)
@@ -222,8 +222,8 @@ def test_distillation_agent_api(tmp_path):
     agent = DistillationAgent(teacher=teacher, student=ModelSpec(**STUDENT), reward_threshold=1.0,
                               similarity="exact", accelerator="cpu",
                               questions=QuestionDataModule(embedded="arithmetic_statements", num_embedded=256),
-                              optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3), max_new_tokens=4,
-                              stop_strings=["."])
+                              optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+                              sampling=Sampling(max_new_tokens=4, stop_strings=["."]))
     before = agent.evaluate(max_batches=2)
     metrics = agent.train(num_episodes=60, questions_per_episode=16)
     after = agent.evaluate(max_batches=2)
@@ -266,7 +266,8 @@ def test_agent_loop_against_a_llama_cpp_server(tmp_path):
         for _ in range(2):
             module = AgentModule(student=ModelSpec(**STUDENT), teacher=HTTPTeacher(url, "smollm2", api_key_env=None,
                                                                                    max_tokens=16),
-                                 teacher_cache=str(tmp_path / "cache.sqlite"), max_new_tokens=4)
+                                 teacher_cache=str(tmp_path / "cache.sqlite"),
+                                 sampling=Sampling(max_new_tokens=4))
             L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, limit_val_batches=0,
                       enable_progress_bar=False).fit(
                 module, datamodule=QuestionDataModule(path=questions, validation_fraction=0.25, batch_size=3))

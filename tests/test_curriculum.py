@@ -293,7 +293,7 @@ def test_distill_and_grpo_train_on_a_curriculum(tmp_path, monkeypatch):
             policy: {{tokenizer: lit-distill/tokenizer, config: {MODEL}}}
             rewards: [{{class_path: lit_distill.rewards.ArithmeticReward}}]
             num_generations: 2
-            max_new_tokens: 4
+            sampling: {{max_new_tokens: 4}}
         data:
           class_path: lit_distill.data.CurriculumDataModule
           init_args:

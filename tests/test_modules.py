@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from conftest import TOKENIZER, tiny_llama
 from lit_distill.models.loading import ModelSpec
 from lit_distill.modules import DistillModule, SFTModule
+from lit_distill.rollout import Sampling
 
 STUDENT = dict(config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                        "num_attention_heads": 4}, tokenizer=TOKENIZER)
@@ -117,7 +118,7 @@ def test_teacher_with_padded_vocab_is_aligned(tokenizer, tmp_path):
 
 
 def test_on_policy_batches_train_on_student_completions_only(llama_dir, tokenizer):
-    module = make_distill(llama_dir, on_policy_fraction=1.0, prompt_tokens=4, max_new_tokens=6)
+    module = make_distill(llama_dir, on_policy_fraction=1.0, prompt_tokens=4, sampling=Sampling(max_new_tokens=6))
     batch = RaggedData(2, len(tokenizer)).examples
     batch = {k: torch.stack([e[k] for e in batch[:2]]) for k in batch[0]}
     completed = module.student_completions(batch)

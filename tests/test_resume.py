@@ -21,6 +21,7 @@ from lit_distill.data.curriculum import CurriculumSampler
 from lit_distill.models.loading import ModelSpec
 from lit_distill.modules import AgentModule, DistillModule, DPOModule, GRPOModule, PPOModule, RewardModule, SFTModule
 from lit_distill.rewards import ArithmeticReward
+from lit_distill.rollout import Sampling
 from lit_distill.teachers import LocalTeacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +66,7 @@ CASES = {
                      lambda: WikiTextDataModule(source="embedded", embedded_documents=30, block_size=32, batch_size=4,
                                                 max_blocks={"validation": 4})),
     "kd-on-policy": (lambda: DistillModule(student(), ModelSpec("lit-distill/tiny-teacher"), on_policy_fraction=0.5,
-                                           prompt_tokens=8, max_new_tokens=8),
+                                           prompt_tokens=8, sampling=Sampling(max_new_tokens=8)),
                      lambda: WikiTextDataModule(source="embedded", tokenizer="lit-distill/tiny-teacher",
                                                 embedded_documents=30, block_size=32, batch_size=4,
                                                 max_blocks={"validation": 4})),
@@ -73,11 +74,11 @@ CASES = {
             lambda: SQuADPreferenceDataModule(embedded_examples=40, max_length=96, batch_size=4,
                                               max_examples={"validation": 4})),
     "grpo": (lambda: GRPOModule(ModelSpec("lit-distill/tiny-teacher"), [ArithmeticReward()], num_generations=2,
-                                max_new_tokens=4),
+                                sampling=Sampling(max_new_tokens=4)),
              lambda: JSONLPromptDataModule(embedded="arithmetic_statements", num_embedded=40, batch_size=4,
                                            max_examples={"validation": 4})),
-    "ppo": (lambda: PPOModule(ModelSpec("lit-distill/tiny-teacher"), [ArithmeticReward()], max_new_tokens=4,
-                              ppo_epochs=1),
+    "ppo": (lambda: PPOModule(ModelSpec("lit-distill/tiny-teacher"), [ArithmeticReward()],
+                              sampling=Sampling(max_new_tokens=4), ppo_epochs=1),
             lambda: JSONLPromptDataModule(embedded="arithmetic_statements", num_embedded=40, batch_size=4,
                                           max_examples={"validation": 4})),
     "reward": (lambda: RewardModule(student()),
@@ -85,7 +86,8 @@ CASES = {
                                                  max_examples={"validation": 4})),
     "agent": (lambda: AgentModule(ModelSpec(tokenizer="lit-distill/tiny-teacher", config=TINY),
                                   LocalTeacher(ModelSpec("lit-distill/tiny-teacher"), max_new_tokens=4,
-                                               chat_template="none", stop_strings=["."]), max_new_tokens=4),
+                                               chat_template="none", stop_strings=["."]),
+                                  sampling=Sampling(max_new_tokens=4)),
               lambda: QuestionDataModule(embedded="arithmetic_statements", tokenizer="lit-distill/tiny-teacher",
                                          num_embedded=40, batch_size=4, max_examples={"validation": 4})),
 }

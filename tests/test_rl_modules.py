@@ -14,7 +14,7 @@ from lit_distill.modules.grpo import GRPOModule
 from lit_distill.modules.ppo import PPOModule
 from lit_distill.modules.rl import completion_forward
 from lit_distill.rewards import Reward
-from lit_distill.rollout import left_pad
+from lit_distill.rollout import Sampling, left_pad
 from lit_distill.cli import LitDistillCLI
 from tests.test_cli import ROOT, run_cli
 
@@ -59,15 +59,15 @@ def sgd(lr):
 
 def ppo(llama_dir, **kwargs):
     torch.manual_seed(0)  # the value head's initialisation
-    settings = dict(policy=ModelSpec(llama_dir), rewards=[LetterCount()], max_new_tokens=6, seed=3,
+    settings = dict(policy=ModelSpec(llama_dir), rewards=[LetterCount()], sampling=Sampling(max_new_tokens=6), seed=3,
                     optimizer=sgd(0.0))
     settings.update(kwargs)
     return PPOModule(**settings)
 
 
 def grpo(llama_dir, **kwargs):
-    settings = dict(policy=ModelSpec(llama_dir), rewards=[LetterCount()], max_new_tokens=6, num_generations=4,
-                    seed=3, optimizer=sgd(0.0))
+    settings = dict(policy=ModelSpec(llama_dir), rewards=[LetterCount()], sampling=Sampling(max_new_tokens=6),
+                    num_generations=4, seed=3, optimizer=sgd(0.0))
     settings.update(kwargs)
     return GRPOModule(**settings)
 
@@ -142,7 +142,8 @@ def test_grpo_zero_std_groups_give_zero_advantage_finite_loss_and_no_update(llam
 
 def test_grpo_masked_truncated_completions_leave_the_loss(llama_dir, tokenizer):
     # A random model almost never samples EOS within 2 tokens: every completion is truncated, nothing is learnt.
-    module = grpo(llama_dir, max_new_tokens=2, mask_truncated_completions=True, beta=0.0, optimizer=sgd(1.0))
+    module = grpo(llama_dir, sampling=Sampling(max_new_tokens=2), mask_truncated_completions=True, beta=0.0,
+                  optimizer=sgd(1.0))
     before = trained_parameters(module)
     trainer = fit(module, prompt_batches(tokenizer, batch_size=2, num_batches=1), max_steps=1)
     assert trainer.callback_metrics["rollout/truncated_frac"].item() == 1.0
@@ -151,7 +152,7 @@ def test_grpo_masked_truncated_completions_leave_the_loss(llama_dir, tokenizer):
 
 
 def test_ppo_missing_eos_penalty_lowers_the_score_of_truncated_completions(llama_dir, tokenizer):
-    module = ppo(llama_dir, rewards=[Constant()], max_new_tokens=2, missing_eos_penalty=3.0)
+    module = ppo(llama_dir, rewards=[Constant()], sampling=Sampling(max_new_tokens=2), missing_eos_penalty=3.0)
     trainer = fit(module, prompt_batches(tokenizer, num_batches=1), max_steps=module.updates_per_rollout())
     assert trainer.callback_metrics["rollout/truncated_frac"].item() == 1.0
     assert trainer.callback_metrics["rollout/reward_mean"].item() == -2.0
@@ -187,8 +188,8 @@ def test_frozen_models_and_rewards_stay_out_of_the_checkpoint_and_the_optimizer(
 @pytest.mark.parametrize("model_type", ["pico_transformer", "pico_lstm", "pico_kgram"])
 def test_ppo_and_grpo_run_with_pico_models(model_type, tokenizer):
     spec = ModelSpec(tokenizer="lit-distill/tokenizer", config={"model_type": model_type, "hidden_size": 32})
-    for module in (PPOModule(spec, rewards=[LetterCount()], max_new_tokens=4),
-                   GRPOModule(spec, rewards=[LetterCount()], max_new_tokens=4, num_generations=2)):
+    for module in (PPOModule(spec, rewards=[LetterCount()], sampling=Sampling(max_new_tokens=4)),
+                   GRPOModule(spec, rewards=[LetterCount()], sampling=Sampling(max_new_tokens=4), num_generations=2)):
         trainer = fit(module, prompt_batches(tokenizer, num_batches=1), max_steps=module.updates_per_rollout())
         assert torch.isfinite(trainer.callback_metrics["rollout/reward_mean"])
 
@@ -214,7 +215,8 @@ def test_grpo_ddp_two_processes_complete_with_different_samples_per_rank(tmp_pat
         "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_steps": 2, "logger": False,
                     "enable_checkpointing": False, "limit_val_batches": 0},
         "model": {"class_path": "lit_distill.modules.GRPOModule",
-                  "init_args": {"policy": {"name_or_path": llama_dir}, "num_generations": 2, "max_new_tokens": 8,
+                  "init_args": {"policy": {"name_or_path": llama_dir}, "num_generations": 2,
+                                "sampling": {"max_new_tokens": 8},
                                 "rewards": [{"class_path": "lit_distill.rewards.CallableReward",
                                              "init_args": {"function": "rank_log_reward.record"}}],
                                 "save_dir": str(tmp_path / "model")}},

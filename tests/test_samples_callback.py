@@ -181,9 +181,11 @@ def test_sampling_is_seeded_by_step(run):
 
 
 def test_rl_module_with_several_optimizer_steps_per_batch(llama_dir, tokenizer, tmp_path, one_torch_thread):
+    from lit_distill.rollout import Sampling
     from tests.test_rl_modules import ppo, prompt_batches
 
-    module = ppo(llama_dir, ppo_epochs=3, max_new_tokens=2)  # 3 optimizer steps per batch: steps 3, 6
+    # 3 optimizer steps per batch: steps 3, 6
+    module = ppo(llama_dir, ppo_epochs=3, sampling=Sampling(max_new_tokens=2))
     trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=tmp_path,

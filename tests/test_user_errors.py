@@ -10,6 +10,7 @@ from lit_distill.cli import LitDistillCLI, main
 from lit_distill.data.io import DataFileError, read_jsonl
 from lit_distill.models.loading import ModelSpec
 from lit_distill.modules import AgentModule, DistillModule, DPOModule, GRPOModule, PPOModule, RewardModule, SFTModule
+from lit_distill.rollout import Sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 MISSING = ModelSpec(name_or_path="/nonexistent/model")
@@ -19,16 +20,16 @@ GRPO = str(ROOT / "configs/grpo/quickstart.yaml")
 @pytest.mark.parametrize("module, arguments, message", [
     (DistillModule, {"temperature": 0}, "temperature must be > 0"),
     (DistillModule, {"alpha": 1.5}, r"alpha must be in \[0, 1\]"),
-    (DistillModule, {"on_policy_fraction": 0.5, "sampling_temperature": -1.0}, "temperature must be > 0"),
+    (DistillModule, {"on_policy_fraction": 0.5, "sampling": {"temperature": -1.0}}, "temperature must be > 0"),
     (DistillModule, {"chunk_size": 0}, "chunk_size must be >= 1"),
     (GRPOModule, {"beta": -0.5}, "beta must be >= 0"),
-    (GRPOModule, {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    (GRPOModule, {"sampling": {"top_p": 0.0}}, r"top_p must be in \(0, 1\]"),
     (GRPOModule, {"clip_eps_high": 0.1}, r"clip_eps_high must be >= clip_eps \(0.2\)"),
     (PPOModule, {"gamma": 1.5}, r"gamma and lam must be in \[0, 1\]"),
-    (PPOModule, {"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+    (PPOModule, {"sampling": {"max_new_tokens": 0}}, "max_new_tokens must be >= 1"),
     (DPOModule, {"beta": 0.0}, "beta must be > 0"),
     (DPOModule, {"label_smoothing": 0.5}, r"label_smoothing must be in \[0, 0.5\)"),
-    (AgentModule, {"temperature": 0.0}, "temperature must be > 0"),
+    (AgentModule, {"sampling": {"temperature": 0.0}}, "temperature must be > 0"),
     (RewardModule, {"center_coefficient": -1.0}, "center_coefficient must be >= 0"),
     (SFTModule, {"eval_max_new_tokens": 0}, "eval_max_new_tokens must be >= 1"),
 ], ids=lambda value: value.__name__ if isinstance(value, type) else None)
@@ -55,6 +56,13 @@ def test_a_cli_mistake_is_one_message_with_exit_code_2_and_no_traceback(capsys, 
     monkeypatch.setenv("LIT_DISTILL_DEBUG", "1")  # the switch: the exception itself, with its traceback
     with pytest.raises(ValueError, match="beta must be >= 0"):
         main(["fit", "--config", GRPO, "--model.init_args.beta", "-0.5"])
+
+
+def test_a_sampling_mistake_names_its_field(capsys):
+    with pytest.raises(ValueError, match=r"^sampling\.top_k must be >= 0"):
+        Sampling(top_k=-1)
+    code, err = run_main(capsys, "fit", "--config", GRPO, "--model.init_args.sampling.top_p", "0")
+    assert code == 2 and err.startswith("error: sampling.top_p must be in (0, 1] (1 keeps every token), got 0.0\n")
 
 
 def test_a_config_parse_error_keeps_only_the_alternative_that_failed(capsys):

@@ -62,15 +62,16 @@ def build_module(workload: Workload, options: Options):
     from lit_distill.models.loading import ModelSpec
     from lit_distill.modules import GRPOModule
     from lit_distill.rewards import ArithmeticReward
+    from lit_distill.rollout import Sampling
 
     trainers.seed(options)
     return GRPOModule(policy=ModelSpec(name_or_path=workload.model("policy"), tokenizer=workload.tokenizer,
                                        compile=options.compile),
                       rewards=[ArithmeticReward()], num_generations=options.num_generations, beta=BETA,
                       loss_type=LOSS_TYPE, scale_rewards=SCALE_REWARDS, clip_eps=CLIP_EPS, num_iterations=1,
-                      mask_truncated_completions=False, max_new_tokens=options.new_tokens, temperature=1.0, top_k=0,
-                      top_p=1.0, micro_batch_size=None, max_grad_norm=1.0, seed=options.seed,
-                      optimizer=trainers.adamw(options))
+                      mask_truncated_completions=False,
+                      sampling=Sampling(max_new_tokens=options.new_tokens, temperature=1.0, top_k=0, top_p=1.0),
+                      micro_batch_size=None, max_grad_norm=1.0, seed=options.seed, optimizer=trainers.adamw(options))
 
 
 def datamodule(workload: Workload, options: Options):

@@ -106,6 +106,7 @@ class GKDCollator:
 def build_module(workload: Workload, options: Options, on_policy: bool):
     from lit_distill.models.loading import ModelSpec
     from lit_distill.modules import DistillModule
+    from lit_distill.rollout import Sampling
 
     trainers.seed(options)
     return DistillModule(student=ModelSpec(name_or_path=workload.model("student"), tokenizer=workload.tokenizer,
@@ -113,7 +114,7 @@ def build_module(workload: Workload, options: Options, on_policy: bool):
                          teacher=ModelSpec(name_or_path=workload.model("teacher"), tokenizer=workload.tokenizer),
                          divergence="forward_kl", temperature=1.0, alpha=0.0,
                          on_policy_fraction=1.0 if on_policy else 0.0, prompt_tokens=options.max_length,
-                         max_new_tokens=options.new_tokens, sampling_temperature=1.0, seed=options.seed,
+                         sampling=Sampling(max_new_tokens=options.new_tokens, temperature=1.0), seed=options.seed,
                          optimizer=trainers.adamw(options))
 
 

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lit_distill.checks import check_sampling
 from lit_distill.data.collate import collate_sft, join, tokenize_completion
 from lit_distill.data.squad import SQuADDataModule
 from lit_distill.models.loading import ModelSpec, build_model, count_parameters, load_tokenizer
@@ -37,7 +36,7 @@ from lit_distill.models.forward import labelled_sequence_logprobs
 from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
 from lit_distill.rewards import ReferenceMatch, Reward, SentenceEmbeddingCosine
-from lit_distill.rollout import Rollout, rollout_generator, sequence_logprobs
+from lit_distill.rollout import Rollout, Sampling, rollout_generator, sequence_logprobs
 from lit_distill.teachers import CachedTeacher, Teacher
 from lit_distill.teachers.base import TeacherError
 
@@ -69,12 +68,11 @@ class AgentModule(CausalLMModule):
     data_task = "questions"  # what an HFDataModule serves this module
     frozen_modules = ("comparator",)
 
-    def __init__(self, student: ModelSpec, teacher: Teacher, teacher_cache: Optional[str] = None,
+    def __init__(self, student: ModelSpec, teacher: Teacher, *, teacher_cache: Optional[str] = None,
                  similarity: Literal["exact", "f1", "bleu", "semantic"] = "f1",
                  semantic_model: Optional[str] = None, reward_threshold: float = 0.8, policy_weight: float = 1.0,
-                 correction_weight: float = 1.0, max_new_tokens: int = 16, temperature: float = 1.0,
-                 top_p: float = 1.0, stop_strings: Sequence[str] = (), teacher_parameters: Optional[int] = None,
-                 max_skipped_questions: Optional[int] = 100, seed: int = 0,
+                 correction_weight: float = 1.0, sampling: Sampling = Sampling(max_new_tokens=16),
+                 teacher_parameters: Optional[int] = None, max_skipped_questions: Optional[int] = 100, seed: int = 0,
                  optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: Optional[SchedulerCallable] = None, save_dir: Optional[str] = None,
                  merge_lora: bool = False):
@@ -91,7 +89,8 @@ class AgentModule(CausalLMModule):
             reward_threshold: similarity at which an answer counts as correct.
             policy_weight: weight of the policy-gradient term on correct answers.
             correction_weight: weight of the cross-entropy on the teacher's answer for wrong ones.
-            max_new_tokens, temperature, top_p, stop_strings: the student's sampling.
+            sampling: the student's sampling (answers are short: ``max_new_tokens`` 16 by default); the
+                log-probs of its correct answers use ``sampling.temperature``.
             teacher_parameters: the teacher's size for the logged parameter ratio when the teacher cannot tell
                 (an HTTP endpoint); a local teacher counts its own.
             max_skipped_questions: questions the teacher may leave unanswered (no usable answer within its retries,
@@ -100,10 +99,10 @@ class AgentModule(CausalLMModule):
                 a ``TeacherError`` raised. None: no limit.
             seed: base seed of the student's sampling.
         """
-        super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, save_dir=save_dir, merge_lora=merge_lora)
         if not 0.0 <= reward_threshold <= 1.0:
             raise ValueError(f"reward_threshold must be in [0, 1], got {reward_threshold}")
-        check_sampling(max_new_tokens, temperature, top_p=top_p)
+        self.sampling = Sampling.of(sampling)
         if max_skipped_questions is not None and max_skipped_questions < 0:
             raise ValueError(f"max_skipped_questions must be >= 0 or null, got {max_skipped_questions}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "teacher"])
@@ -180,11 +179,10 @@ class AgentModule(CausalLMModule):
                                f"{path} (resume with --ckpt_path once the teacher answers)")
 
     def student_answers(self, batch: dict, greedy: bool) -> tuple[Rollout, list[str]]:
-        hp = self.hparams
         rollout = self.complete(batch["prompt_input_ids"], batch["prompt_attention_mask"],
-                                max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_p=hp.top_p,
-                                do_sample=not greedy, stop_strings=hp.stop_strings,
-                                generator=rollout_generator(hp.seed, self.global_rank, self.global_step, self.device))
+                                **self.sampling.generate_kwargs(), do_sample=not greedy,
+                                generator=rollout_generator(self.hparams.seed, self.global_rank, self.global_step,
+                                                            self.device))
         return rollout, [answer.strip() for answer in self.decode_completions(rollout)]
 
     def similarity(self, batch: dict, answers: list[str], references: list) -> Tensor:
@@ -228,7 +226,7 @@ class AgentModule(CausalLMModule):
         if correct.any():  # reward-weighted policy gradient on the student's own correct answers
             rows = correct.nonzero().squeeze(-1)
             logps = sequence_logprobs(self.model, rollout.sequences[rows], rollout.attention_mask[rows],
-                                      rollout.prompt_length, hp.temperature)  # (C, N), 0 on padding
+                                      rollout.prompt_length, self.sampling.temperature)  # (C, N), 0 on padding
             loss_sum = loss_sum - hp.policy_weight * (rewards[rows, None] * logps).sum()
             num_tokens = num_tokens + rollout.completion_mask[rows].sum()
         if (~correct).any():  # corrective SFT on the teacher's answers

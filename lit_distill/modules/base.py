@@ -43,7 +43,7 @@ class CausalLMModule(L.LightningModule):
     # Submodules that stay in eval mode (no dropout) when Lightning switches the module to train mode each epoch.
     eval_modules: tuple[str, ...] = ()
 
-    def __init__(self, optimizer: OptimizerCallable = default_optimizer,
+    def __init__(self, *, optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: Optional[SchedulerCallable] = None, save_dir: Optional[str] = None,
                  merge_lora: bool = False):
         super().__init__()
@@ -136,7 +136,8 @@ class CausalLMModule(L.LightningModule):
         """Continue left-padded prompts (B, P) with the trained model, in eval mode (no dropout while sampling).
 
         ``generate`` with the run's tokenizer and end ids (the tokenizer's EOS and the model's generation-config
-        EOS, e.g. <|im_end|>); ``sampling`` holds its other arguments (``max_new_tokens``, ``temperature``, ...).
+        EOS, e.g. <|im_end|>); ``sampling`` holds its other arguments (``max_new_tokens``, ``temperature``, ...;
+        ``Sampling.generate_kwargs()`` gives a module's group of them).
         """
         was_training = self.model.training
         self.model.eval()

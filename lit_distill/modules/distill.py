@@ -20,14 +20,14 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
-from lit_distill.checks import check_sampling, require
+from lit_distill.checks import require
 from lit_distill.data.collate import IGNORE_INDEX
 from lit_distill.losses import DIVERGENCES, kd_loss, token_logprobs, topk_kd_loss
 from lit_distill.models.loading import ModelSpec, build_model, count_parameters, load_tokenizer
 from lit_distill.models.forward import labelled_logits
 from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
-from lit_distill.rollout import left_pad, rollout_generator
+from lit_distill.rollout import Sampling, left_pad, rollout_generator
 from lit_distill.teachers.logit_cache import (CachedTeacherOutputs, LogitCache, LogitCacheSpec, build_logit_cache, cache_teacher,
                                               config_summary)
 
@@ -37,10 +37,10 @@ class DistillModule(CausalLMModule):
     frozen_modules = ("teacher",)
     eval_modules = ("teacher",)
 
-    def __init__(self, student: ModelSpec, teacher: Optional[ModelSpec] = None, divergence: str = "forward_kl",
+    def __init__(self, student: ModelSpec, teacher: Optional[ModelSpec] = None, *, divergence: str = "forward_kl",
                  temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5, chunk_size: Optional[int] = None,
-                 on_policy_fraction: float = 0.0, prompt_tokens: int = 16, max_new_tokens: int = 32,
-                 sampling_temperature: float = 1.0, seed: int = 0, logit_cache: Optional[LogitCacheSpec] = None,
+                 on_policy_fraction: float = 0.0, prompt_tokens: int = 16, sampling: Sampling = Sampling(),
+                 seed: int = 0, logit_cache: Optional[LogitCacheSpec] = None,
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
                  save_dir: Optional[str] = None, merge_lora: bool = False):
         """
@@ -56,13 +56,13 @@ class DistillModule(CausalLMModule):
             chunk_size: tokens per chunk in the loss (bounds its memory); None = all at once.
             on_policy_fraction: probability λ that a training batch is completed by the student's own samples.
             prompt_tokens: prefix of each example kept as the prompt of an on-policy batch.
-            max_new_tokens: completion budget of an on-policy batch.
-            sampling_temperature: temperature of on-policy sampling.
+            sampling: how the student completes an on-policy batch (``sampling.temperature`` is the sampling
+                temperature, apart from the loss's ``temperature``).
             seed: base seed of on-policy sampling (a stream per rank and step: :func:`rollout_generator`).
             logit_cache: train from the teacher's cached top-k log-probabilities (built in ``setup`` where missing)
                 instead of running the teacher; needs ``on_policy_fraction`` 0.
         """
-        super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, save_dir=save_dir, merge_lora=merge_lora)
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence '{divergence}' is not one of {DIVERGENCES}")
         require(temperature > 0, "temperature", temperature, "> 0 (both logits are divided by it)")
@@ -70,7 +70,6 @@ class DistillModule(CausalLMModule):
         require(0 <= beta <= 1, "beta", beta, "in [0, 1]")
         require(chunk_size is None or chunk_size >= 1, "chunk_size", chunk_size, ">= 1 or null")
         if on_policy_fraction > 0:
-            check_sampling(max_new_tokens, sampling_temperature)
             require(prompt_tokens >= 1, "prompt_tokens", prompt_tokens, ">= 1")
         if not 0.0 <= on_policy_fraction <= 1.0:
             raise ValueError(f"on_policy_fraction must be in [0, 1], got {on_policy_fraction}")
@@ -80,6 +79,7 @@ class DistillModule(CausalLMModule):
             raise ValueError("on_policy_fraction > 0 needs the live teacher to score the student's own samples; a "
                              "logit_cache holds the teacher's outputs on the data only: drop one of the two")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.sampling = Sampling.of(sampling)
         self.tokenizer = load_tokenizer(student.tokenizer or student.name_or_path)
         self.model = build_model(student, self.tokenizer).train()  # from_pretrained returns eval mode
         self.student_ppl, self.teacher_nll, self.mean_divergence = Perplexity(IGNORE_INDEX), MeanMetric(), MeanMetric()
@@ -169,8 +169,7 @@ class DistillModule(CausalLMModule):
         prompts = [ids[mask.bool()][: hp.prompt_tokens].tolist()
                    for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
         prompt_ids, prompt_mask = (t.to(self.device) for t in left_pad(prompts, self.tokenizer.pad_token_id))
-        rollout = self.complete(prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens,
-                                temperature=hp.sampling_temperature,
+        rollout = self.complete(prompt_ids, prompt_mask, **self.sampling.generate_kwargs(),
                                 generator=rollout_generator(hp.seed, self.global_rank, self.global_step,
                                                             self.device))
         labels = rollout.sequences.clone()  # (B, P + N)

@@ -37,7 +37,7 @@ class DPOModule(CausalLMModule):
     frozen_modules = ("reference",)
     eval_modules = ("model", "reference")  # no dropout: the policy's log-probs are compared with the reference's
 
-    def __init__(self, policy: ModelSpec, reference: Optional[ModelSpec] = None, beta: float = 0.1,
+    def __init__(self, policy: ModelSpec, *, reference: Optional[ModelSpec] = None, beta: float = 0.1,
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, precompute_reference: bool = False,
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
                  save_dir: Optional[str] = None, merge_lora: bool = False):
@@ -51,7 +51,7 @@ class DPOModule(CausalLMModule):
             precompute_reference: compute every pair's reference log-probs once at fit start, then drop the
                 reference model.
         """
-        super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, save_dir=save_dir, merge_lora=merge_lora)
         if loss_type not in DPO_LOSS_TYPES:
             raise ValueError(f"loss_type '{loss_type}' is not one of {DPO_LOSS_TYPES}")
         require(beta > 0, "beta", beta, "> 0")

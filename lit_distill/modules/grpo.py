@@ -30,15 +30,15 @@ from lit_distill.modules.base import default_optimizer
 from lit_distill.modules.rl import OnlineRLModule, completion_forward
 from lit_distill.optim import SchedulerCallable
 from lit_distill.rewards import Reward
+from lit_distill.rollout import Sampling
 
 
 class GRPOModule(OnlineRLModule):
-    def __init__(self, policy: ModelSpec, rewards: Sequence[Reward], reward_weights: Optional[list[float]] = None,
+    def __init__(self, policy: ModelSpec, rewards: Sequence[Reward], *, reward_weights: Optional[list[float]] = None,
                  reference: Optional[ModelSpec] = None, num_generations: int = 4, beta: float = 0.04,
                  loss_type: str = "dapo", scale_rewards: str = "group", clip_eps: float = 0.2,
                  clip_eps_high: Optional[float] = None, num_iterations: int = 1,
-                 mask_truncated_completions: bool = False, max_new_tokens: int = 32, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, stop_strings: Sequence[str] = (),
+                 mask_truncated_completions: bool = False, sampling: Sampling = Sampling(),
                  micro_batch_size: Optional[int] = None, max_grad_norm: Optional[float] = 1.0, seed: int = 0,
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
                  save_dir: Optional[str] = None, merge_lora: bool = False):
@@ -54,8 +54,10 @@ class GRPOModule(OnlineRLModule):
             clip_eps: ε of the clipped surrogate.
             clip_eps_high: ε_high, the upper clip (DAPO uses 0.28); None = ``clip_eps``.
             num_iterations: μ, updates per generation round.
-            mask_truncated_completions: completions without EOS/stop within ``max_new_tokens`` do not enter the loss.
-            max_new_tokens, temperature, top_k, top_p, stop_strings: sampling; log-probs use ``temperature``.
+            mask_truncated_completions: completions without EOS/stop within ``sampling.max_new_tokens`` do not
+                enter the loss.
+            sampling: how completions are sampled; log-probs use ``sampling.temperature``, and ``dr_grpo``'s
+                constant normaliser is ``sampling.max_new_tokens``.
             micro_batch_size: sequences per forward/backward.
             max_grad_norm: gradient clipping per update; None disables.
             seed: base seed of sampling (each rank and step derives its own stream).
@@ -72,16 +74,17 @@ class GRPOModule(OnlineRLModule):
         require(clip_eps_high is None or clip_eps_high >= clip_eps, "clip_eps_high", clip_eps_high,
                 f">= clip_eps ({clip_eps}) or null")
         require(num_iterations >= 1, "num_iterations", num_iterations, ">= 1")
-        super().__init__(policy, rewards, reward_weights, reference, beta != 0, max_new_tokens, temperature, top_k,
-                         top_p, stop_strings, micro_batch_size, max_grad_norm, seed, optimizer, lr_scheduler,
-                         save_dir, merge_lora)
+        super().__init__(policy, rewards, reward_weights=reward_weights, reference=reference,
+                         needs_reference=beta != 0, sampling=sampling, micro_batch_size=micro_batch_size,
+                         max_grad_norm=max_grad_norm, seed=seed, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                         save_dir=save_dir, merge_lora=merge_lora)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "rewards"])
 
     def updates_per_rollout(self) -> int:
         return self.hparams.num_iterations
 
     def training_step(self, batch, batch_idx):
-        hp = self.hparams
+        hp, sampling = self.hparams, self.sampling
         start = time.perf_counter()
         with torch.no_grad():
             rollout = self.sample(batch["prompt_input_ids"].repeat_interleave(hp.num_generations, 0),
@@ -98,8 +101,8 @@ class GRPOModule(OnlineRLModule):
             if hp.num_iterations > 1:
                 old_logprobs = torch.cat([completion_forward(self.model, rollout.sequences[rows],
                                                              rollout.attention_mask[rows], rollout.prompt_length,
-                                                             hp.temperature).logprobs for rows in micro])
-            denominators = step_denominators([mask[rows] for rows in micro], hp.loss_type, hp.max_new_tokens)
+                                                             sampling.temperature).logprobs for rows in micro])
+            denominators = step_denominators([mask[rows] for rows in micro], hp.loss_type, sampling.max_new_tokens)
             if hp.loss_type != "bnpo":  # bnpo: each rank's own micro-batch means, averaged by DDP (TRL's)
                 # Nothing to average (all masked): the numerators are 0.
                 denominators = [self.global_sum(denominators[0]).clamp(min=1)] * len(micro)
@@ -112,13 +115,13 @@ class GRPOModule(OnlineRLModule):
             step_loss = torch.zeros((), device=self.device)
             for rows, denominator in zip(micro, denominators):
                 forward = completion_forward(self.model, rollout.sequences[rows], rollout.attention_mask[rows],
-                                             rollout.prompt_length, hp.temperature, entropy=entropy)
+                                             rollout.prompt_length, sampling.temperature, entropy=entropy)
                 old = old_logprobs[rows] if old_logprobs is not None else forward.logprobs.detach()
                 numerator, _, stats = grpo_loss(
                     forward.logprobs, old, advantages[rows].to(self.device), mask[rows], loss_type=hp.loss_type,
                     clip_eps=hp.clip_eps, clip_eps_high=hp.clip_eps_high, beta=hp.beta,
                     ref_logprobs=ref_logprobs[rows] if ref_logprobs is not None else None,
-                    max_completion_length=hp.max_new_tokens)
+                    max_completion_length=sampling.max_new_tokens)
                 self.backward_share(numerator, denominator, across_ranks=hp.loss_type != "bnpo")
                 step_loss += numerator.detach() / denominator
                 self.record("grpo/kl", stats.kl)

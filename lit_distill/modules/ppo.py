@@ -31,18 +31,18 @@ from lit_distill.modules.base import default_optimizer
 from lit_distill.modules.rl import OnlineRLModule, completion_forward
 from lit_distill.optim import SchedulerCallable
 from lit_distill.rewards import Reward
+from lit_distill.rollout import Sampling
 
 
 class PPOModule(OnlineRLModule):
     eval_modules = (*OnlineRLModule.eval_modules, "value_model")
 
-    def __init__(self, policy: ModelSpec, rewards: Sequence[Reward], reward_weights: Optional[list[float]] = None,
+    def __init__(self, policy: ModelSpec, rewards: Sequence[Reward], *, reward_weights: Optional[list[float]] = None,
                  reference: Optional[ModelSpec] = None, value_model: Optional[ModelSpec] = None,
                  kl_coef: float = 0.05, kl_estimator: str = "k1", missing_eos_penalty: Optional[float] = None,
                  gamma: float = 1.0, lam: float = 0.95, whiten_advantages: bool = True, ppo_epochs: int = 4,
                  num_minibatches: int = 1, clip_eps: float = 0.2, clip_range_value: Optional[float] = 0.2,
-                 vf_coef: float = 0.1, entropy_coef: float = 0.0, max_new_tokens: int = 32,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_strings: Sequence[str] = (),
+                 vf_coef: float = 0.1, entropy_coef: float = 0.0, sampling: Sampling = Sampling(),
                  micro_batch_size: Optional[int] = None, max_grad_norm: Optional[float] = 1.0, seed: int = 0,
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
                  save_dir: Optional[str] = None, merge_lora: bool = False):
@@ -54,7 +54,8 @@ class PPOModule(OnlineRLModule):
             value_model: a separate backbone for the value head; None puts the head on the policy's hidden states.
             kl_coef: β of the per-token KL penalty in the reward (0: no reference model is built).
             kl_estimator: ``k1`` (log π − log π_ref, the classic RLHF penalty) or ``k3`` (non-negative).
-            missing_eos_penalty: subtracted from the score of completions that hit ``max_new_tokens`` without EOS.
+            missing_eos_penalty: subtracted from the score of completions that hit ``sampling.max_new_tokens``
+                without EOS.
             gamma: GAE discount γ.
             lam: GAE λ.
             whiten_advantages: normalise advantages over the rollout (masked mean/variance).
@@ -64,7 +65,7 @@ class PPOModule(OnlineRLModule):
             clip_range_value: clip of the value update around the rollout's values; None disables.
             vf_coef: weight of the value loss.
             entropy_coef: weight of the entropy bonus.
-            max_new_tokens, temperature, top_k, top_p, stop_strings: sampling; log-probs use ``temperature``.
+            sampling: how completions are sampled; log-probs use ``sampling.temperature``.
             micro_batch_size: sequences per forward/backward (gradient accumulation inside a minibatch).
             max_grad_norm: gradient clipping per update; None disables.
             seed: base seed of sampling (each rank and step derives its own stream).
@@ -78,9 +79,10 @@ class PPOModule(OnlineRLModule):
         require(clip_eps > 0, "clip_eps", clip_eps, "> 0")
         require(clip_range_value is None or clip_range_value > 0, "clip_range_value", clip_range_value, "> 0 or null")
         require(vf_coef >= 0 and entropy_coef >= 0, "vf_coef and entropy_coef", (vf_coef, entropy_coef), ">= 0")
-        super().__init__(policy, rewards, reward_weights, reference, kl_coef > 0, max_new_tokens, temperature, top_k,
-                         top_p, stop_strings, micro_batch_size, max_grad_norm, seed, optimizer, lr_scheduler,
-                         save_dir, merge_lora)
+        super().__init__(policy, rewards, reward_weights=reward_weights, reference=reference,
+                         needs_reference=kl_coef > 0, sampling=sampling, micro_batch_size=micro_batch_size,
+                         max_grad_norm=max_grad_norm, seed=seed, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                         save_dir=save_dir, merge_lora=merge_lora)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "rewards"])
         self.value_model = None
         if value_model is not None:
@@ -122,7 +124,8 @@ class PPOModule(OnlineRLModule):
         old_logprobs, old_values = [], []
         for rows in self.micro_batches(mask.size(0)):
             sequences, attention = rollout.sequences[rows], rollout.attention_mask[rows]
-            forward = completion_forward(self.model, sequences, attention, rollout.prompt_length, hp.temperature)
+            forward = completion_forward(self.model, sequences, attention, rollout.prompt_length,
+                                         self.sampling.temperature)
             old_logprobs.append(forward.logprobs)
             old_values.append(self.values(forward, sequences, attention, rollout.prompt_length))
         old_logprobs, old_values = torch.cat(old_logprobs), torch.cat(old_values) * mask
@@ -166,7 +169,7 @@ class PPOModule(OnlineRLModule):
         """Token-summed PPO loss of one micro-batch (the caller divides by the minibatch's token count)."""
         hp, rollout = self.hparams, experience["rollout"]
         sequences, attention, mask = rollout.sequences[rows], rollout.attention_mask[rows], experience["mask"][rows]
-        forward = completion_forward(self.model, sequences, attention, rollout.prompt_length, hp.temperature,
+        forward = completion_forward(self.model, sequences, attention, rollout.prompt_length, self.sampling.temperature,
                                      entropy="differentiable" if hp.entropy_coef
                                      else "detached" if self.logs_this_step else "none")
         values = self.values(forward, sequences, attention, rollout.prompt_length)

@@ -23,7 +23,7 @@ from lit_distill.optim import SchedulerCallable
 class RewardModule(CausalLMModule):
     data_task = "preference"  # what an HFDataModule serves this module
 
-    def __init__(self, model: ModelSpec, center_coefficient: float = 0.0,
+    def __init__(self, model: ModelSpec, *, center_coefficient: float = 0.0,
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
                  save_dir: Optional[str] = None, merge_lora: bool = False):
         """
@@ -33,7 +33,7 @@ class RewardModule(CausalLMModule):
             save_dir: where the backbone (HF format) and ``score_head.pt`` are written at the end of training.
         """
         require(center_coefficient >= 0, "center_coefficient", center_coefficient, ">= 0")
-        super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, save_dir=save_dir, merge_lora=merge_lora)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.tokenizer = load_tokenizer(model.tokenizer or model.name_or_path)
         self.model = build_model(model, self.tokenizer).train()  # from_pretrained returns eval mode

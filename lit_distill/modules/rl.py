@@ -22,14 +22,14 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lit_distill.checks import check_sampling, require
+from lit_distill.checks import require
 from lit_distill.losses.logprobs import token_logprobs
 from lit_distill.models.heads import forward_with_hidden_states
 from lit_distill.models.loading import ModelSpec, build_model, build_reference, load_tokenizer
 from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
 from lit_distill.rewards import Reward, WeightedRewards
-from lit_distill.rollout import Rollout, rollout_generator
+from lit_distill.rollout import Rollout, Sampling, rollout_generator
 from lit_distill.rollout.sampling import logits_to_keep_kwargs
 
 PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask")
@@ -84,17 +84,19 @@ class OnlineRLModule(CausalLMModule):
     # one (ratios != 1 at the first update) and bias the KL term.
     eval_modules = ("model", "reference", "rewards")
 
-    def __init__(self, policy: ModelSpec, rewards: Sequence[Reward], reward_weights: Optional[list[float]] = None,
-                 reference: Optional[ModelSpec] = None, needs_reference: bool = True, max_new_tokens: int = 32,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_strings: Sequence[str] = (),
-                 micro_batch_size: Optional[int] = None, max_grad_norm: Optional[float] = 1.0, seed: int = 0,
+    def __init__(self, policy: ModelSpec, rewards: Sequence[Reward], *, reward_weights: Optional[list[float]] = None,
+                 reference: Optional[ModelSpec] = None, needs_reference: bool = True,
+                 sampling: Sampling = Sampling(), micro_batch_size: Optional[int] = None,
+                 max_grad_norm: Optional[float] = 1.0, seed: int = 0,
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
                  save_dir: Optional[str] = None, merge_lora: bool = False):
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        """Subclasses document the arguments; ``needs_reference`` says whether to build the reference (a KL
+        coefficient of 0 needs none). Subclasses call ``save_hyperparameters`` themselves."""
         require(micro_batch_size is None or micro_batch_size >= 1, "micro_batch_size", micro_batch_size,
                 ">= 1 or null")
         require(max_grad_norm is None or max_grad_norm > 0, "max_grad_norm", max_grad_norm, "> 0 or null")
-        super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, save_dir=save_dir, merge_lora=merge_lora)
+        self.sampling = Sampling.of(sampling)
         self.automatic_optimization = False
         self.tokenizer = load_tokenizer(policy.tokenizer or policy.name_or_path)
         self.model = build_model(policy, self.tokenizer).eval()
@@ -109,10 +111,9 @@ class OnlineRLModule(CausalLMModule):
     # ---- rollout ------------------------------------------------------------------------------------------
     def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, greedy: bool = False) -> Rollout:
         """Complete left-padded prompts (B, P) with the policy; each rank and step draws its own samples."""
-        hp = self.hparams
-        return self.complete(prompt_ids, prompt_mask, max_new_tokens=hp.max_new_tokens, temperature=hp.temperature,
-                             top_k=hp.top_k, top_p=hp.top_p, do_sample=not greedy, stop_strings=hp.stop_strings,
-                             generator=rollout_generator(hp.seed, self.global_rank, self.global_step, self.device))
+        return self.complete(prompt_ids, prompt_mask, **self.sampling.generate_kwargs(), do_sample=not greedy,
+                             generator=rollout_generator(self.hparams.seed, self.global_rank, self.global_step,
+                                                         self.device))
 
     @torch.no_grad()
     def score(self, prompts: list[str], completions: list[str], columns: dict) -> Tensor:
@@ -153,7 +154,7 @@ class OnlineRLModule(CausalLMModule):
         pieces = []
         for rows in self.micro_batches(rollout.sequences.size(0)):
             args = (rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length,
-                    self.hparams.temperature)
+                    self.sampling.temperature)
             if self.uses_adapter_reference:
                 with self.model.disable_adapter():
                     pieces.append(completion_forward(self.model, *args).logprobs)

@@ -27,7 +27,7 @@ class SFTModule(CausalLMModule):
 
     data_task = "sft"  # what an HFDataModule serves this module
 
-    def __init__(self, model: ModelSpec, eval_max_new_tokens: int = 16,
+    def __init__(self, model: ModelSpec, *, eval_max_new_tokens: int = 16,
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
                  save_dir: Optional[str] = None, merge_lora: bool = False):
         """
@@ -37,7 +37,7 @@ class SFTModule(CausalLMModule):
                 greedy answers are then scored with exact match and F1.
         """
         require(eval_max_new_tokens >= 1, "eval_max_new_tokens", eval_max_new_tokens, ">= 1")
-        super().__init__(optimizer, lr_scheduler, save_dir, merge_lora)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, save_dir=save_dir, merge_lora=merge_lora)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.tokenizer = load_tokenizer(model.tokenizer or model.name_or_path)
         self.model = build_model(model, self.tokenizer).train()  # from_pretrained returns eval mode
