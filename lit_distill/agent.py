@@ -40,7 +40,7 @@ class DistillationAgent:
         reward_threshold: similarity at which a student answer counts as correct.
         accelerator: Lightning accelerator for :meth:`train` (``"auto"``, ``"cpu"``, ``"gpu"``).
         **module_args: any other :class:`~lit_distill.modules.AgentModule` argument (``similarity``,
-            ``teacher_cache``, ``max_new_tokens``, ``optimizer``, ...).
+            ``teacher_cache``, ``sampling``, ``optimizer``, ...).
     """
 
     def __init__(self, teacher: Teacher, student: ModelSpec, questions: Optional[QuestionDataModule] = None,

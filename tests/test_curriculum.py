@@ -250,6 +250,21 @@ def test_resume_with_other_datasets_is_a_clear_error(tmp_path, monkeypatch):
         fit(tmp_path, renamed, "--ckpt_path", last, "--resume_config", "config")
 
 
+def test_members_take_overrides_and_overlays_and_record_their_own_hyperparameters(tmp_path, monkeypatch):
+    """A dotted override and an overlay config reach a curriculum member's arguments; each member records its own
+    hyperparameters, not the config LightningCLI hands to the configured DataModule (the curriculum's)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "curriculum.yaml").write_text(SFT_CONFIG)
+    (tmp_path / "overlay.yaml").write_text("data:\n  init_args:\n    datasets:\n      text:\n        init_args:\n"
+                                           "          max_blocks: {train: 5}\n")
+    cli = LitDistillCLI(args=["--config", "curriculum.yaml", "--config", "overlay.yaml",
+                              "--data.init_args.datasets.text.init_args.block_size", "24"], run=False)
+    text = cli.datamodule.modules["text"]
+    assert (text.hparams.block_size, text.hparams.max_blocks) == (24, {"train": 5})
+    assert "_class_path" not in text.hparams and "datasets" not in text.hparams
+    assert cli.datamodule.hparams["_class_path"] == "lit_distill.data.CurriculumDataModule"
+
+
 def test_datasets_must_share_one_tokenizer(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tokenizer = load_tokenizer("lit-distill/tokenizer")

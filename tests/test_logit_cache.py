@@ -232,7 +232,7 @@ def test_cache_teacher_command_then_fit_from_the_cache(tmp_path, capsys):
 def test_help_lists_the_cache_teacher_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "cache-teacher --config" in capsys.readouterr().out
+    assert "cache-teacher       cache a DistillModule config's teacher top-k log-probs" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["cache-teacher", "--help"])
     assert "--output" in capsys.readouterr().out
