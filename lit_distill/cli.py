@@ -68,7 +68,9 @@ COMMANDS = {
     "train-tokenizer": ("lit_distill.commands.tokenizer:main", "rebuild the shipped BPE tokenizer"),
 }
 COMMANDS_HELP = "other commands (each takes --help):\n" + "\n".join(
-    f"  {name:<20}{summary}" for name, (_, summary) in COMMANDS.items())
+    f"  {name:<20}{summary}" for name, (_, summary) in COMMANDS.items()) + (
+    "\n\nin a checkout of the repository, bin/ holds the experiments run on its configs (each takes --help):\n"
+    "  bin/distill_comparison.py, bin/benchmark_logit_cache.py, bin/packing_speed.py")
 
 
 class KeepEpilogLines(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
