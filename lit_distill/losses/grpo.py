@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from lit_distill.losses.ppo import clipped_policy_loss
+from lit_distill.losses.ppo import IMPORTANCE_SAMPLING_LEVELS, clipped_policy_loss
 from lit_distill.losses.rl import kl_estimate, masked_mean
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
@@ -62,7 +62,8 @@ def step_denominators(masks: list[Tensor], loss_type: str,
 def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
               loss_type: str = "dapo", clip_eps: float = 0.2, clip_eps_high: Optional[float] = None,
               beta: float = 0.0, ref_logprobs: Optional[Tensor] = None,
-              max_completion_length: Optional[int] = None) -> tuple[Tensor, Tensor, GRPOStats]:
+              max_completion_length: Optional[int] = None,
+              importance_sampling_level: str = "token") -> tuple[Tensor, Tensor, GRPOStats]:
     """Numerator and denominator of the GRPO loss of one micro-batch.
 
     The loss of a step is ``Σ numerators / Σ denominators`` over its micro-batches (and ranks):
@@ -79,7 +80,7 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
     Args:
         logprobs: (B, N) current log-probs of the sampled tokens (differentiable).
         old_logprobs: (B, N) log-probs under the sampling policy.
-        advantages: (B,) group advantages.
+        advantages: (B,) sequence advantages, or (B, N) per-token ones (REINFORCE++).
         mask: (B, N) completion mask (truncated completions already zeroed if they are to be ignored).
         loss_type: one of :data:`GRPO_LOSS_TYPES`.
         clip_eps: ε (lower clip, and upper unless ``clip_eps_high``).
@@ -87,6 +88,9 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
         beta: KL coefficient β; 0 needs no ``ref_logprobs``.
         ref_logprobs: (B, N) reference log-probs, required when β > 0.
         max_completion_length: the generation budget, required by ``dr_grpo``.
+        importance_sampling_level: ``"token"`` (GRPO) or ``"sequence"`` (GSPO, Zheng et al. 2025: one clipped
+            ratio per sequence, see :func:`~lit_distill.losses.clipped_policy_loss`). GSPO's objective is a mean
+            over sequences, i.e. ``loss_type="grpo"``; the token-sum types weigh a sequence by its length.
 
     Returns:
         numerator (fp32 scalar, differentiable), denominator (fp32 scalar), detached stats.
@@ -97,7 +101,8 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
         raise ValueError("beta > 0 needs ref_logprobs")
     mask = mask.to(torch.float32)
     per_token, policy_stats = clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps,
-                                                  clip_eps_high=clip_eps_high, reduction="none")
+                                                  clip_eps_high=clip_eps_high, reduction="none",
+                                                  importance_sampling_level=importance_sampling_level)
     kl = kl_estimate(logprobs, ref_logprobs, "k3") if ref_logprobs is not None else torch.zeros_like(per_token)
     per_token = (per_token + beta * kl) * mask
 

@@ -15,6 +15,7 @@ from torch import Tensor
 from lit_distill.losses.rl import kl_estimate, masked_mean, masked_sum
 
 REDUCTIONS = ("sum", "mean", "none")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 class PolicyStats(NamedTuple):
@@ -55,8 +56,13 @@ def _reduce(per_token: Tensor, mask: Tensor, reduction: str) -> Tensor:
 
 def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
                         clip_eps: float = 0.2, clip_eps_high: float | None = None,
+                        importance_sampling_level: str = "token",
                         reduction: str = "sum") -> tuple[Tensor, PolicyStats]:
     """PPO's clipped surrogate: per token ``max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε_high))`` with ρ = π / π_old.
+
+    With ``importance_sampling_level="sequence"`` (GSPO, Zheng et al. 2025, eq. 5–7) every token of sequence i
+    uses the sequence's ratio ``s_i = exp(mean_t (log π − log π_old))`` (the geometric mean of its token ratios,
+    differentiable through every token), clipped as a whole; TRL's ``importance_sampling_level="sequence"``.
 
     Args:
         logprobs: (B, N) log-probs of the sampled tokens under the current policy (differentiable).
@@ -65,17 +71,23 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
         mask: (B, N) 1 on the tokens that count.
         clip_eps: ε, the lower clip 1 − ε (and the upper one unless ``clip_eps_high`` is given).
         clip_eps_high: ε_high for the upper clip 1 + ε_high (DAPO's clip-higher); None uses ``clip_eps``.
+        importance_sampling_level: ``"token"`` (PPO, GRPO) or ``"sequence"`` (GSPO); see above.
         reduction: ``"sum"`` over unmasked tokens, ``"mean"`` over them, or ``"none"`` for the (B, N) loss.
 
     Returns:
         The loss (fp32) and detached stats. With π = π_old the ratio is exactly 1, the loss is −A summed
         (or averaged) and clipfrac is 0.
     """
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got "
+                         f"{importance_sampling_level!r}")
     clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     if advantages.dim() == 1:
         advantages = advantages[:, None]
     mask = mask.to(torch.float32)
-    log_ratio = logprobs.float() - old_logprobs.float()
+    log_ratio = logprobs.float() - old_logprobs.float()  # (B, N)
+    if importance_sampling_level == "sequence":
+        log_ratio = masked_mean(log_ratio, mask, -1)[:, None].expand_as(log_ratio)  # (B, 1) → (B, N)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps_high)

@@ -24,6 +24,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from lit_distill.checks import require
 from lit_distill.losses.grpo import GRPO_LOSS_TYPES, grpo_loss, step_denominators
+from lit_distill.losses.ppo import IMPORTANCE_SAMPLING_LEVELS
 from lit_distill.losses.rl import SCALE_REWARDS, group_advantages, masked_mean
 from lit_distill.models.loading import ModelSpec
 from lit_distill.modules.base import default_optimizer
@@ -38,7 +39,8 @@ class GRPOModule(OnlineRLModule):
                  reference: Optional[ModelSpec] = None, num_generations: int = 4, beta: float = 0.04,
                  loss_type: str = "dapo", scale_rewards: str = "group", clip_eps: float = 0.2,
                  clip_eps_high: Optional[float] = None, num_iterations: int = 1,
-                 mask_truncated_completions: bool = False, sampling: Sampling = Sampling(),
+                 mask_truncated_completions: bool = False, importance_sampling_level: str = "token",
+                 sampling: Sampling = Sampling(),
                  micro_batch_size: Optional[int] = None, max_grad_norm: Optional[float] = 1.0, seed: int = 0,
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
                  save_dir: Optional[str] = None, merge_lora: bool = False):
@@ -56,6 +58,9 @@ class GRPOModule(OnlineRLModule):
             num_iterations: μ, updates per generation round.
             mask_truncated_completions: completions without EOS/stop within ``sampling.max_new_tokens`` do not
                 enter the loss.
+            importance_sampling_level: ``token`` (GRPO) or ``sequence`` (GSPO, Zheng et al. 2025: one clipped
+                length-normalised ratio per completion; pair it with ``loss_type: grpo`` and ``num_iterations`` > 1,
+                since at μ = 1 every ratio is 1 and the update equals GRPO's).
             sampling: how completions are sampled; log-probs use ``sampling.temperature``, and ``dr_grpo``'s
                 constant normaliser is ``sampling.max_new_tokens``.
             micro_batch_size: sequences per forward/backward.
@@ -74,6 +79,8 @@ class GRPOModule(OnlineRLModule):
         require(clip_eps_high is None or clip_eps_high >= clip_eps, "clip_eps_high", clip_eps_high,
                 f">= clip_eps ({clip_eps}) or null")
         require(num_iterations >= 1, "num_iterations", num_iterations, ">= 1")
+        require(importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level",
+                importance_sampling_level, f"one of {IMPORTANCE_SAMPLING_LEVELS}")
         super().__init__(policy, rewards, reward_weights=reward_weights, reference=reference,
                          needs_reference=beta != 0, sampling=sampling, micro_batch_size=micro_batch_size,
                          max_grad_norm=max_grad_norm, seed=seed, optimizer=optimizer, lr_scheduler=lr_scheduler,
@@ -121,7 +128,8 @@ class GRPOModule(OnlineRLModule):
                     forward.logprobs, old, advantages[rows].to(self.device), mask[rows], loss_type=hp.loss_type,
                     clip_eps=hp.clip_eps, clip_eps_high=hp.clip_eps_high, beta=hp.beta,
                     ref_logprobs=ref_logprobs[rows] if ref_logprobs is not None else None,
-                    max_completion_length=sampling.max_new_tokens)
+                    max_completion_length=sampling.max_new_tokens,
+                    importance_sampling_level=hp.importance_sampling_level)
                 self.backward_share(numerator, denominator, across_ranks=hp.loss_type != "bnpo")
                 step_loss += numerator.detach() / denominator
                 self.record("grpo/kl", stats.kl)
