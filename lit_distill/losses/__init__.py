@@ -1,4 +1,7 @@
 """Distillation, preference and RL losses: pure tensor functions, no model or Lightning code."""
+from lit_distill.losses.cross_tokenizer import (CROSS_TOKENIZER_METHODS, CrossTokenizerStats, build_vocab_map,
+                                              cross_tokenizer_loss, monotone_ends, span_starts, uld_distance,
+                                              vocab_map_kl)
 from lit_distill.losses.grpo import GRPO_LOSS_TYPES, GRPOStats, grpo_denominator, grpo_loss, step_denominators
 from lit_distill.losses.kd import DIVERGENCES, KDStats, align_vocab, kd_loss, token_divergence
 from lit_distill.losses.logprobs import sequence_logprobs_from_logits, token_logprobs
@@ -8,7 +11,9 @@ from lit_distill.losses.topk_kd import topk_kd_loss
 from lit_distill.losses.rl import (KL_ESTIMATORS, SCALE_REWARDS, gae, group_advantages, kl_estimate, masked_mean,
                                    masked_sum, masked_var, masked_whiten)
 
-__all__ = ["DIVERGENCES", "DPO_LOSS_TYPES", "DPOStats", "GRPOStats", "GRPO_LOSS_TYPES", "KDStats", "KL_ESTIMATORS",
+__all__ = ["CROSS_TOKENIZER_METHODS", "CrossTokenizerStats", "build_vocab_map", "cross_tokenizer_loss",
+           "monotone_ends", "span_starts", "uld_distance", "vocab_map_kl",
+           "DIVERGENCES", "DPO_LOSS_TYPES", "DPOStats", "GRPOStats", "GRPO_LOSS_TYPES", "KDStats", "KL_ESTIMATORS",
            "PolicyStats", "RewardStats", "SCALE_REWARDS", "ValueStats", "align_vocab", "clipped_policy_loss",
            "clipped_value_loss", "dpo_loss", "gae", "group_advantages", "grpo_denominator", "grpo_loss", "kd_loss",
            "kl_estimate", "masked_mean", "masked_sum", "masked_var", "masked_whiten", "reward_loss",
