@@ -1,7 +1,8 @@
-"""Preference losses on pairs (chosen, rejected): direct preference optimisation and reward modelling.
+"""Preference losses on pairs (chosen, rejected): DPO and its variants, the reference-free SimPO and ORPO, and
+reward modelling.
 
 Shapes: B batch (pairs). Inputs are per-sequence scalars: sequence log-probs (see
-``lit_distill.losses.logprobs.sequence_logprobs_from_logits``) or reward-model scores.
+``lit_distill.losses.logprobs.sequence_logprobs_from_logits``), their per-token means, or reward-model scores.
 
 Losses are computed in fp32 (float64 for float64 inputs) and return ``(loss, stats)`` with detached stats.
 """
@@ -10,21 +11,24 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lit_distill.losses.dtypes import compute_dtype
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo")  # pairwise losses on the policy's mean per-token log-probs alone
 REDUCTIONS = ("mean", "sum", "none")
 
 
 class DPOStats(NamedTuple):
-    """Detached implicit rewards of one ``dpo_loss`` call: β times the policy / reference log-ratios.
+    """Detached implicit rewards of one ``dpo_loss`` call (β times the policy / reference log-ratios) or ``simpo_loss``
+    call (β times the mean per-token log-probs).
 
     Attributes:
-        rewards_chosen: (B,) β (log π(y_c) − log π_ref(y_c)).
-        rewards_rejected: (B,) β (log π(y_r) − log π_ref(y_r)).
+        rewards_chosen: (B,) β (log π(y_c) − log π_ref(y_c)), or β log π(y_c) / |y_c| for SimPO.
+        rewards_rejected: (B,) β (log π(y_r) − log π_ref(y_r)), or β log π(y_r) / |y_r| for SimPO.
         margin: (B,) ``rewards_chosen − rewards_rejected``.
         accuracy: scalar fraction of pairs with ``margin > 0``.
     """
@@ -33,6 +37,24 @@ class DPOStats(NamedTuple):
     rewards_rejected: Tensor
     margin: Tensor
     accuracy: Tensor
+
+
+class ORPOStats(NamedTuple):
+    """Detached diagnostics of one ``orpo_loss`` call.
+
+    Attributes:
+        rewards_chosen: (B,) log odds(y_c) = a_c − log(1 − exp(a_c)), a_c the mean per-token log-prob.
+        rewards_rejected: (B,) log odds(y_r).
+        margin: (B,) the log odds ratio ``rewards_chosen − rewards_rejected``.
+        accuracy: scalar fraction of pairs with ``margin > 0``.
+        nll: scalar mean over pairs of the chosen responses' mean per-token NLL −a_c (the SFT term).
+    """
+
+    rewards_chosen: Tensor
+    rewards_rejected: Tensor
+    margin: Tensor
+    accuracy: Tensor
+    nll: Tensor
 
 
 class RewardStats(NamedTuple):
@@ -136,6 +158,104 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, referen
     margin = rewards_chosen - rewards_rejected  # (B,)
     stats = DPOStats(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected, margin=margin,
                      accuracy=(margin > 0).to(dtype).mean())
+    return _reduce(losses, reduction), stats
+
+
+def _check_pair(chosen: Tensor, rejected: Tensor) -> None:
+    if chosen.shape != rejected.shape:
+        raise ValueError(f"policy_chosen_logps {tuple(chosen.shape)} and policy_rejected_logps "
+                         f"{tuple(rejected.shape)} must have the same shape")
+
+
+def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, *, beta: float = 2.0, gamma: float = 0.5,
+               label_smoothing: float = 0.0, reduction: str = "mean") -> tuple[Tensor, DPOStats]:
+    """SimPO (Meng et al. 2024, eq. 6): a reference-free DPO on length-normalised log-probs with a target margin.
+
+    Per pair, with a = log π(y|x) / |y| the mean per-token log-prob and ε = ``label_smoothing``:
+    h = β a_c − β a_r − γ, loss = −(1 − ε) log σ(h) − ε log σ(−h) (ε = 0 is the paper's loss; ε > 0 the conservative
+    form TRL's CPOTrainer also applies). The margin γ asks the chosen reward to beat the rejected one by γ, not
+    merely to exceed it. γ is the paper's γ itself; the authors' code and configs give ``gamma_beta_ratio`` = γ/β
+    instead, and TRL's ``simpo_gamma`` is γ (TRL subtracts ``simpo_gamma / beta`` from a_c − a_r before scaling by β).
+
+    Args:
+        policy_chosen_logps: (B,) mean per-token log-probs a_c of the chosen responses.
+        policy_rejected_logps: (B,) mean per-token log-probs a_r of the rejected responses.
+        beta: β > 0, the reward scale (the paper uses 2 to 10).
+        gamma: γ >= 0, the target reward margin (the paper uses γ/β of 0.3 to 1.6).
+        label_smoothing: ε in [0, 0.5).
+        reduction: ``"mean"`` or ``"sum"`` over pairs, or ``"none"`` for the (B,) per-pair losses.
+
+    Returns:
+        The fp32 loss (scalar, or (B,) for ``"none"``) and ``DPOStats`` with rewards β a.
+
+    Raises:
+        ValueError: for an invalid argument (named in the message) or inputs of different shapes.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    _check_reduction(reduction)
+    _check_pair(policy_chosen_logps, policy_rejected_logps)
+    dtype = compute_dtype(policy_chosen_logps, policy_rejected_logps)
+
+    rewards_chosen = beta * policy_chosen_logps.to(dtype)  # (B,)
+    rewards_rejected = beta * policy_rejected_logps.to(dtype)  # (B,)
+    h = rewards_chosen - rewards_rejected - gamma  # (B,)
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)  # (B,)
+
+    margin = (rewards_chosen - rewards_rejected).detach()  # (B,)
+    stats = DPOStats(rewards_chosen=rewards_chosen.detach(), rewards_rejected=rewards_rejected.detach(),
+                     margin=margin, accuracy=(margin > 0).to(dtype).mean())
+    return _reduce(losses, reduction), stats
+
+
+def log_odds(mean_logps: Tensor) -> Tensor:
+    """log(p / (1 − p)) of p = exp(a) for mean per-token log-probs a < 0, shape preserved.
+
+    log(1 − exp(a)) is ``log(-expm1(a))`` near 0, where 1 − exp(a) cancels, and ``log1p(-exp(a))`` below −log 2
+    (Mächler 2012); a = 0 gives +inf, as p = 1 has infinite odds.
+    """
+    log1mexp = torch.where(mean_logps < -0.6931471805599453, torch.log1p(-torch.exp(mean_logps)),
+                           torch.log(-torch.expm1(mean_logps)))
+    return mean_logps - log1mexp
+
+
+def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, *, beta: float = 0.1,
+              reduction: str = "mean") -> tuple[Tensor, ORPOStats]:
+    """ORPO (Hong et al. 2024, eqs. 6–7): SFT on the chosen response plus an odds-ratio preference term, no reference.
+
+    Per pair, with a the mean per-token log-prob and odds(y) = exp(a) / (1 − exp(a)):
+    loss = −a_c + λ · (−log σ(log odds(y_c) − log odds(y_r))), λ = ``beta`` (TRL's ORPOConfig name for λ).
+
+    Args:
+        policy_chosen_logps: (B,) mean per-token log-probs a_c of the chosen responses (all < 0).
+        policy_rejected_logps: (B,) mean per-token log-probs a_r of the rejected responses (all < 0).
+        beta: λ > 0, the weight of the odds-ratio term (the paper uses 0.1 to 1).
+        reduction: ``"mean"`` or ``"sum"`` over pairs, or ``"none"`` for the (B,) per-pair losses.
+
+    Returns:
+        The fp32 loss (scalar, or (B,) for ``"none"``) and ``ORPOStats``.
+
+    Raises:
+        ValueError: for an invalid argument (named in the message) or inputs of different shapes.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    _check_reduction(reduction)
+    _check_pair(policy_chosen_logps, policy_rejected_logps)
+    dtype = compute_dtype(policy_chosen_logps, policy_rejected_logps)
+    chosen, rejected = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)  # (B,), (B,)
+
+    odds_chosen, odds_rejected = log_odds(chosen), log_odds(rejected)  # (B,), (B,)
+    nll = -chosen  # (B,)
+    losses = nll - beta * F.logsigmoid(odds_chosen - odds_rejected)  # (B,)
+
+    margin = (odds_chosen - odds_rejected).detach()  # (B,)
+    stats = ORPOStats(rewards_chosen=odds_chosen.detach(), rewards_rejected=odds_rejected.detach(), margin=margin,
+                      accuracy=(margin > 0).to(dtype).mean(), nll=nll.detach().mean())
     return _reduce(losses, reduction), stats
 
 
