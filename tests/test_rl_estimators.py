@@ -1,5 +1,6 @@
-"""GSPO's sequence-level importance ratio in ``grpo_loss``: a hand value, a per-sequence loop, GSPO-token's
-stop-gradient form, and parity with TRL's ``GRPOTrainer._compute_loss`` on identical inputs."""
+"""The policy-gradient estimators on the GRPO plumbing: GSPO's sequence-level ratio in ``grpo_loss`` (hand value,
+per-sequence loop, the GSPO-token stop-gradient form, parity with TRL's ``GRPOTrainer._compute_loss``), RLOO's
+leave-one-out and REINFORCE++'s batch-normalised advantages (hand values, loops, TRL / OpenRLHF definitions)."""
 
 import math
 from types import SimpleNamespace
@@ -7,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lit_distill.losses import grpo_loss
+from lit_distill.losses.grpo import grpo_loss
+from lit_distill.losses.rl import reinforce_pp_advantages, rloo_advantages
 
 
 def ragged_mask(lengths, width):
@@ -137,3 +139,90 @@ def test_grpo_loss_matches_trl_in_value_and_gradient(loss_type, level):
     (theirs_grad,) = torch.autograd.grad(theirs, logprobs)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-6, atol=1e-7)
+
+
+# ---- RLOO ---------------------------------------------------------------------------------------------------------
+def test_rloo_hand_values():
+    # Group [1, 2, 6]: leave-one-out means 4, 3.5, 1.5 → advantages −3, −1.5, 4.5 = 3/2 · (r − 3). Group of equal
+    # rewards: exactly 0 (0.1 + 0.1 + 0.1 − 0.1 is not 0.2 in floating point).
+    advantages, stats = rloo_advantages(torch.tensor([1.0, 2.0, 6.0, 0.1, 0.1, 0.1]), group_size=3)
+    torch.testing.assert_close(advantages[:3], torch.tensor([-3.0, -1.5, 4.5]))
+    assert torch.equal(advantages[3:], torch.zeros(3))
+    assert stats.frac_zero_std.item() == 0.5
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        rloo_advantages(torch.ones(4), group_size=1)
+
+
+def test_rloo_matches_a_leave_one_out_loop_and_the_rescaled_group_mean():
+    torch.manual_seed(0)
+    rewards, size = torch.randn(24), 4
+    advantages, _ = rloo_advantages(rewards, size)
+    loop = torch.tensor([rewards[i] - sum(rewards[j] for j in range(i // size * size, i // size * size + size)
+                                          if j != i) / (size - 1) for i in range(24)])
+    torch.testing.assert_close(advantages, loop)
+    grouped = rewards.view(-1, size)
+    torch.testing.assert_close(advantages, (size / (size - 1) * (grouped - grouped.mean(-1, keepdim=True))).view(-1))
+
+
+def trl_rloo_advantages(rewards, num_generations, normalize_advantages=False):
+    """TRL 1.16 ``RLOOTrainer._generate_and_score_completions``'s advantage lines, copied (they are inline in a
+    method that generates and scores, so there is nothing to call on given rewards); β = 0."""
+    from trl.trainer.utils import nanstd
+    grouped_rewards = rewards.view(-1, num_generations)
+    scorable_counts = (~torch.isnan(grouped_rewards)).sum(dim=1, keepdim=True)
+    grouped_sum = torch.nansum(grouped_rewards, dim=1, keepdim=True)
+    baselines = ((grouped_sum - grouped_rewards) / (scorable_counts - 1)).view(-1)
+    advantages = rewards - baselines
+    if normalize_advantages:
+        advantages = (advantages - torch.nanmean(advantages)) / (nanstd(advantages) + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def test_rloo_matches_trls_leave_one_out_baseline():
+    pytest.importorskip("trl")
+    torch.manual_seed(1)
+    rewards = torch.randint(0, 3, (32,)).float()  # discrete rewards: some groups all equal
+    ours, _ = rloo_advantages(rewards, 4)
+    torch.testing.assert_close(ours, trl_rloo_advantages(rewards, 4), rtol=0, atol=1e-6)
+
+
+# ---- REINFORCE++ --------------------------------------------------------------------------------------------------
+def test_reinforce_pp_hand_values():
+    # Rewards per token: −β·KL plus the score on the last real token: [[−0.1, −0.2 + 1], [−0.1 − 1, pad]]; returns
+    # [[0.7, 0.8], [−1.1]]; then whitened over the batch's 3 tokens (mean 0.4/3, unbiased std).
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    kl = torch.tensor([[0.2, 0.4], [0.2, 9.0]])
+    advantages = reinforce_pp_advantages(torch.tensor([1.0, -1.0]), mask, kl, kl_coef=0.5)
+    returns = torch.tensor([0.7, 0.8, -1.1])
+    expected = (returns - returns.mean()) / returns.std()
+    torch.testing.assert_close(advantages[mask.bool()], expected, rtol=1e-5, atol=1e-6)
+    assert advantages[1, 1].item() == 0.0
+
+
+def openrlhf_reinforce(scores, mask, kl, kl_coef, gamma):
+    """OpenRLHF's REINFORCE++ written as loops: ``compute_reward`` (−β·KL per token, the score added at the last
+    action), ``get_cumulative_returns``, then the batch normalisation of ``advantage_estimator=reinforce``
+    (mean and *biased* variance over every action token, ``rsqrt(var.clamp(min=1e-8))``)."""
+    returns = torch.zeros_like(mask)
+    for b in range(mask.size(0)):
+        n = int(mask[b].sum())
+        reward = [-kl_coef * kl[b, t].item() + (scores[b].item() if t == n - 1 else 0.0) for t in range(n)]
+        running = 0.0
+        for t in reversed(range(n)):
+            running = reward[t] + gamma * running
+            returns[b, t] = running
+    tokens = returns[mask.bool()]
+    mean, var = tokens.mean(), ((tokens - tokens.mean()) ** 2).mean()
+    return (returns - mean) * var.clamp(min=1e-8).rsqrt() * mask
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_reinforce_pp_matches_openrlhfs_definition_up_to_bessels_correction(gamma):
+    torch.manual_seed(2)
+    mask = ragged_mask([5, 1, 3, 2, 4, 5], 5)
+    scores, kl = torch.randn(6), torch.rand(6, 5)
+    ours = reinforce_pp_advantages(scores, mask, kl, kl_coef=0.1, gamma=gamma)
+    n = mask.sum()
+    # We whiten with the unbiased variance (masked_whiten, as PPO's advantages); OpenRLHF with the biased one.
+    torch.testing.assert_close(ours * torch.sqrt(n / (n - 1)), openrlhf_reinforce(scores, mask, kl, 0.1, gamma),
+                               rtol=1e-5, atol=1e-6)

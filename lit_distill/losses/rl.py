@@ -1,5 +1,6 @@
 """Masked tensor math shared by the online-RL losses (PPO and GRPO): masked statistics, whitening, generalised
-advantage estimation, group-relative advantages and per-token KL estimators.
+advantage estimation, the policy-gradient advantage estimators (GRPO's group-relative, RLOO's leave-one-out,
+REINFORCE++'s batch-normalised returns) and per-token KL estimators.
 
 Shape legend: B sequences, N completion tokens. Masks are 1 on real completion tokens (EOS included) and 0 on
 padding; every completion's real tokens come first (right padding), as ``Rollout.completion_mask`` produces.
@@ -14,6 +15,7 @@ from torch import Tensor
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 SCALE_REWARDS = ("group", "batch", "none")
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
 
 
 def masked_sum(values: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
@@ -83,6 +85,20 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     return advantages, returns
 
 
+def _grouped(rewards: Tensor, group_size: int) -> Tensor:
+    """(prompts, G) detached fp32 view of (B,) rewards whose groups are adjacent."""
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    return rewards.detach().float().view(-1, group_size)
+
+
+def equal_reward_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """(prompts,) bool: True where a group's G rewards are all equal, so every group-relative advantage is 0 (DAPO's
+    dynamic sampling drops these groups). Exact equality: robust to rounding in a std."""
+    grouped = _grouped(rewards, group_size)
+    return (grouped == grouped[:, :1]).all(-1)
+
+
 class GroupAdvantageStats(NamedTuple):
     """Detached diagnostics of ``group_advantages``.
 
@@ -113,12 +129,10 @@ def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "gro
     """
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
-    if group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    grouped = rewards.detach().float().view(-1, group_size)  # (prompts, G)
+    grouped = _grouped(rewards, group_size)  # (prompts, G)
     mean = grouped.mean(-1, keepdim=True)
     std = grouped.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)  # unbiased, as TRL
-    zero_std = (grouped == grouped[:, :1]).all(-1, keepdim=True)  # exact equality: robust to rounding in std
+    zero_std = equal_reward_groups(rewards, group_size)[:, None]
     advantages = grouped - mean
     if scale_rewards == "group":
         advantages = advantages / (std + eps)
@@ -127,6 +141,58 @@ def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "gro
         advantages = advantages / (batch_std + eps)
     advantages = advantages.masked_fill(zero_std, 0.0)
     return advantages.view(-1), GroupAdvantageStats(std.view(-1), zero_std.float().mean())
+
+
+def rloo_advantages(rewards: Tensor, group_size: int) -> tuple[Tensor, GroupAdvantageStats]:
+    """RLOO's leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024, eq. 6): each completion's reward
+    minus the mean reward of the other G − 1 completions of its prompt,
+    ``A_i = r_i − 1/(G−1) Σ_{j≠i} r_j = G/(G−1) · (r_i − mean_j r_j)``; unscaled.
+
+    Args:
+        rewards: (B,) rewards, the ``group_size`` completions of one prompt adjacent.
+        group_size: G ≥ 2.
+
+    Returns:
+        advantages (B,) fp32 (exactly 0 in a group whose rewards are all equal) and stats as for
+        :func:`group_advantages`.
+    """
+    if group_size < 2:
+        raise ValueError(f"RLOO needs group_size >= 2 (a leave-one-out baseline), got {group_size}")
+    grouped = _grouped(rewards, group_size)  # (prompts, G)
+    baseline = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)  # (prompts, G)
+    zero_std = equal_reward_groups(rewards, group_size)
+    advantages = (grouped - baseline).masked_fill(zero_std[:, None], 0.0)
+    return advantages.view(-1), GroupAdvantageStats(grouped.std(-1), zero_std.float().mean())
+
+
+def reinforce_pp_advantages(scores: Tensor, mask: Tensor, kl: Optional[Tensor] = None, kl_coef: float = 0.0,
+                            gamma: float = 1.0) -> Tensor:
+    """REINFORCE++ advantages (Hu et al. 2025; OpenRLHF's ``advantage_estimator=reinforce``): no critic and no
+    group baseline; the KL to the reference is a per-token penalty in the reward, and the returns are normalised
+    over the whole batch.
+
+    Per-token reward ``r_t = −β·KL_t + 1[t = last] · score``, return ``G_t = Σ_{s≥t} γ^{s−t} r_s`` (GAE with V = 0
+    and λ = 1), advantage = ``G_t`` whitened over every real token of the batch.
+
+    Args:
+        scores: (B,) sequence rewards.
+        mask: (B, N) completion mask.
+        kl: (B, N) per-token KL estimate of the sampling policy to the reference (e.g. ``kl_estimate(..., "k1")``);
+            None: no penalty.
+        kl_coef: β.
+        gamma: discount γ.
+
+    Returns:
+        (B, N) fp32 detached advantages, 0 where masked.
+    """
+    mask = mask.float()
+    rewards = torch.zeros_like(mask)
+    if kl is not None:
+        rewards = rewards - kl_coef * kl.detach().float() * mask
+    last = (mask.sum(-1).long() - 1).clamp(min=0)  # (B,) the last real token (right padding)
+    rewards[torch.arange(mask.size(0)), last] += scores.detach().float() * (mask.sum(-1) > 0)
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, lam=1.0)
+    return masked_whiten(returns, mask)
 
 
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:

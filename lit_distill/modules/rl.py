@@ -14,12 +14,13 @@ counts updates (rollouts × updates per rollout), and the LR schedule spans that
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Iterator, Literal, Optional, Sequence
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchmetrics import MeanMetric
 
 from lit_distill.checks import require
@@ -30,7 +31,7 @@ from lit_distill.modules.base import CausalLMModule, default_optimizer
 from lit_distill.optim import SchedulerCallable
 from lit_distill.rewards import Reward, WeightedRewards
 from lit_distill.rollout import Rollout, Sampling, rollout_generator
-from lit_distill.rollout.sampling import logits_to_keep_kwargs
+from lit_distill.rollout.sampling import logits_to_keep_kwargs, seeded_generator
 
 PROMPT_KEYS = ("prompt_input_ids", "prompt_attention_mask")
 
@@ -74,6 +75,30 @@ def completion_forward(model: nn.Module, sequences: Tensor, attention_mask: Tens
     return CompletionForward(logprobs, token_entropy, hidden_states)
 
 
+def select_rollout(rollout: Rollout, rows: Tensor) -> Rollout:
+    """The rows ``rows`` (an index or bool tensor over B) of a rollout."""
+    return replace(rollout, sequences=rollout.sequences[rows], attention_mask=rollout.attention_mask[rows],
+                   completion_mask=rollout.completion_mask[rows], logprobs=rollout.logprobs[rows],
+                   finish_reason=rollout.finish_reason[rows])
+
+
+def concat_rollouts(rollouts: Sequence[Rollout], pad_token_id: int) -> Rollout:
+    """Stack rollouts of different prompt lengths P_k and completion lengths N_k: prompts are left-padded to the
+    longest P and completions right-padded to the longest N (masked, so every forward and loss is unchanged)."""
+    prompt_length = max(r.prompt_length for r in rollouts)
+    width = max(r.completion_mask.size(1) for r in rollouts)
+
+    def pad(r: Rollout) -> tuple[Tensor, ...]:
+        left, right = prompt_length - r.prompt_length, width - r.completion_mask.size(1)
+        return (F.pad(r.sequences, (left, right), value=pad_token_id),  # (B_k, P + N)
+                F.pad(r.attention_mask, (left, right)), F.pad(r.completion_mask, (0, right)),
+                F.pad(r.logprobs, (0, right)))
+
+    sequences, attention_mask, completion_mask, logprobs = (torch.cat(parts) for parts in zip(*map(pad, rollouts)))
+    return Rollout(sequences, attention_mask, completion_mask, logprobs,
+                   torch.cat([r.finish_reason for r in rollouts]), prompt_length)
+
+
 class OnlineRLModule(CausalLMModule):
     """Base of ``PPOModule`` and ``GRPOModule``: subclasses implement ``training_step`` with the helpers below."""
 
@@ -106,14 +131,31 @@ class OnlineRLModule(CausalLMModule):
         self.uses_adapter_reference = needs_reference and self.reference is None
         self.val_reward = MeanMetric()
         self._stats: dict[str, list[Tensor]] = {}
+        self._prompt_stream: Optional[Iterator[dict]] = None  # see next_prompts
         self._rollout_tokens = 0
 
     # ---- rollout ------------------------------------------------------------------------------------------
-    def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, greedy: bool = False) -> Rollout:
-        """Complete left-padded prompts (B, P) with the policy; each rank and step draws its own samples."""
+    def sample(self, prompt_ids: Tensor, prompt_mask: Tensor, greedy: bool = False,
+               sampling_round: int = 0) -> Rollout:
+        """Complete left-padded prompts (B, P) with the policy; each rank, step and generation round of a step
+        (dynamic sampling's refills) draws its own samples."""
+        hp = self.hparams
+        generator = (rollout_generator(hp.seed, self.global_rank, self.global_step, self.device)
+                     if sampling_round == 0 else
+                     seeded_generator(hp.seed, self.global_rank, self.global_step, sampling_round, device=self.device))
         return self.complete(prompt_ids, prompt_mask, **self.sampling.generate_kwargs(), do_sample=not greedy,
-                             generator=rollout_generator(self.hparams.seed, self.global_rank, self.global_step,
-                                                         self.device))
+                             generator=generator)
+
+    def next_prompts(self) -> dict:
+        """A further prompt batch from the training dataloader (on the module's device), for refilling a rollout.
+
+        It is the module's own iterator over ``trainer.train_dataloader`` (a second pass beside the Trainer's, restarted
+        when exhausted): refill prompts are fresh draws of the training prompts, not the Trainer's next batches."""
+        batch = next(self._prompt_stream, None) if self._prompt_stream is not None else None
+        if batch is None:
+            self._prompt_stream = iter(self.trainer.train_dataloader)
+            batch = next(self._prompt_stream)
+        return next(self.batches_on_device([batch]))
 
     @torch.no_grad()
     def score(self, prompts: list[str], completions: list[str], columns: dict) -> Tensor:
