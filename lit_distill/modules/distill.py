@@ -8,6 +8,12 @@ divergence is taken on its own completion tokens — cross-entropy on self-gener
 Offline (``logit_cache``): the teacher's top-k log-probabilities on the training and validation data are read
 from a cache built once (``python -m lit_distill cache-teacher``, or here in ``setup`` when the cache is
 missing), and the divergence is the top-k-plus-tail one of ``losses.topk_kd_loss``; no teacher is loaded.
+
+Cross-tokenizer (``cross_tokenizer``): the teacher may use another vocabulary. Each row's real tokens are decoded to
+text, which the teacher tokenizes itself; character offsets give the positions where both tokenizations start a
+token at the same boundary (``losses.span_starts``), and there ULD or the vocabulary-mapped KL of
+``losses.cross_tokenizer_loss`` compares the two next-token distributions. The alignment is Python on the CPU, per
+row: about T prefix decodes of the student's tokens (batched in the tokenizer's Rust code) and one teacher encode.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from torchmetrics.text import Perplexity
 
 from lit_distill.checks import require
 from lit_distill.data.collate import IGNORE_INDEX
-from lit_distill.losses import DIVERGENCES, kd_loss, token_logprobs, topk_kd_loss
+from lit_distill.losses import (CROSS_TOKENIZER_METHODS, DIVERGENCES, build_vocab_map, cross_tokenizer_loss, kd_loss,
+                                monotone_ends, span_starts, token_logprobs, topk_kd_loss)
 from lit_distill.models.loading import ModelSpec, build_model, count_parameters, load_tokenizer
 from lit_distill.models.forward import labelled_logits
 from lit_distill.modules.base import CausalLMModule, default_optimizer
@@ -30,6 +37,11 @@ from lit_distill.optim import SchedulerCallable
 from lit_distill.rollout import Sampling, left_pad, rollout_generator
 from lit_distill.teachers.logit_cache import (CachedTeacherOutputs, LogitCache, LogitCacheSpec, build_logit_cache, cache_teacher,
                                               config_summary)
+
+
+def divergence_weight(stats) -> torch.Tensor:
+    """The positions a mean divergence is over: every labelled token, or the aligned ones across tokenizers."""
+    return getattr(stats, "num_aligned", stats.num_tokens)
 
 
 class DistillModule(CausalLMModule):
@@ -40,7 +52,8 @@ class DistillModule(CausalLMModule):
     def __init__(self, student: ModelSpec, teacher: Optional[ModelSpec] = None, *, divergence: str = "forward_kl",
                  temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5, chunk_size: Optional[int] = None,
                  on_policy_fraction: float = 0.0, prompt_tokens: int = 16, sampling: Sampling = Sampling(),
-                 seed: int = 0, logit_cache: Optional[LogitCacheSpec] = None,
+                 seed: int = 0, logit_cache: Optional[LogitCacheSpec] = None, cross_tokenizer: Optional[str] = None,
+                 cross_tokenizer_top_k: Optional[int] = None,
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
                  save_dir: Optional[str] = None, merge_lora: bool = False):
         """
@@ -61,6 +74,11 @@ class DistillModule(CausalLMModule):
             seed: base seed of on-policy sampling (a stream per rank and step: :func:`rollout_generator`).
             logit_cache: train from the teacher's cached top-k log-probabilities (built in ``setup`` where missing)
                 instead of running the teacher; needs ``on_policy_fraction`` 0.
+            cross_tokenizer: allow a teacher with another tokenizer and compare the models at aligned positions with
+                one of ``lit_distill.losses.CROSS_TOKENIZER_METHODS`` (``uld``, ``vocab_map``) instead of
+                ``divergence``; ``beta`` and ``chunk_size`` do not apply. None: one shared vocabulary is required.
+            cross_tokenizer_top_k: ULD's top-k truncation of the sorted probabilities (``uld_distance``); None
+                sorts the full vocabularies.
         """
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, save_dir=save_dir, merge_lora=merge_lora)
         if divergence not in DIVERGENCES:
@@ -78,6 +96,13 @@ class DistillModule(CausalLMModule):
         if logit_cache is not None and on_policy_fraction > 0:
             raise ValueError("on_policy_fraction > 0 needs the live teacher to score the student's own samples; a "
                              "logit_cache holds the teacher's outputs on the data only: drop one of the two")
+        if cross_tokenizer is not None:
+            if cross_tokenizer not in CROSS_TOKENIZER_METHODS:
+                raise ValueError(f"cross_tokenizer '{cross_tokenizer}' is not one of {CROSS_TOKENIZER_METHODS} (or null)")
+            if logit_cache is not None or teacher is None:
+                raise ValueError("cross_tokenizer needs a live teacher (its tokenizer reads the text); drop logit_cache")
+        require(cross_tokenizer_top_k is None or cross_tokenizer_top_k >= 1, "cross_tokenizer_top_k",
+                cross_tokenizer_top_k, ">= 1 or null")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.sampling = Sampling.of(sampling)
         self.tokenizer = load_tokenizer(student.tokenizer or student.name_or_path)
@@ -89,14 +114,20 @@ class DistillModule(CausalLMModule):
         self.teacher = None if logit_cache else self._load_teacher(teacher, student)
 
     def _load_teacher(self, teacher: ModelSpec, student: ModelSpec):
-        teacher_tokenizer = load_tokenizer(teacher.tokenizer or teacher.name_or_path)
-        if teacher_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+        self.teacher_tokenizer = load_tokenizer(teacher.tokenizer or teacher.name_or_path)
+        if self.hparams.cross_tokenizer is None and self.teacher_tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ValueError(
                 f"vocab mismatch: the teacher's tokenizer ({teacher.tokenizer or teacher.name_or_path}, "
-                f"{len(teacher_tokenizer)} tokens) differs from the student's "
+                f"{len(self.teacher_tokenizer)} tokens) differs from the student's "
                 f"({student.tokenizer or student.name_or_path}, {len(self.tokenizer)} tokens); logit "
-                "distillation needs one shared vocabulary")
-        return build_model(teacher, teacher_tokenizer).eval().requires_grad_(False)
+                "distillation needs one shared vocabulary, or set cross_tokenizer: uld (or vocab_map)")
+        model = build_model(teacher, self.teacher_tokenizer).eval().requires_grad_(False)
+        if self.hparams.cross_tokenizer == "vocab_map":
+            teacher_width = model.get_output_embeddings().weight.shape[0]
+            self.register_buffer("vocab_map", build_vocab_map(self.tokenizer.get_vocab(),
+                                                              self.teacher_tokenizer.get_vocab(), teacher_width),
+                                 persistent=False)
+        return model
 
     def setup(self, stage: str) -> None:
         """With a ``logit_cache``: build what it lacks (every rank shares the work), then open it."""
@@ -132,6 +163,8 @@ class DistillModule(CausalLMModule):
                                   position_ids=batch.get("position_ids"))
         loss_args = dict(divergence=hp.divergence, temperature=hp.temperature, alpha=alpha, beta=hp.beta,
                          chunk_size=hp.chunk_size, reduction=reduction, vocab_size=len(self.tokenizer))
+        if hp.cross_tokenizer is not None:
+            return student, None, *self.cross_tokenizer_loss(batch, student, alpha, reduction)
         if self.logit_cache is not None:
             cached = CachedTeacherOutputs(*(dense[student.mask] for dense in self.logit_cache.lookup(batch)))
             loss, stats = topk_kd_loss(student.logits, cached.topk_ids, cached.topk_logprobs, cached.tail_logprob,
@@ -144,6 +177,47 @@ class DistillModule(CausalLMModule):
         teacher_label_logprobs = (token_logprobs(teacher_logits, student.targets) if with_teacher_label_logprobs
                                   else None)
         return student, teacher_label_logprobs, loss, stats
+
+    def cross_tokenizer_loss(self, batch: dict, student, alpha: float, reduction: str):
+        """The loss and stats of ``losses.cross_tokenizer_loss``: the teacher runs on its own tokenization of each
+        row's text, its head only at the positions aligned with a labelled student position."""
+        hp = self.hparams
+        if "position_ids" in batch:
+            raise ValueError("cross_tokenizer re-tokenizes each row as one text, but the data is packed (several "
+                             "examples per row); set packing: false in the data config")
+        flat_index = student.mask.flatten().cumsum(0).sub(1).view_as(student.mask).tolist()  # (B, T - 1) -> row of N
+        scored, teacher_rows, aligned = student.mask.tolist(), [], []
+        for row, (ids, mask) in enumerate(zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())):
+            positions = [t for t, keep in enumerate(mask) if keep]
+            student_ids = [ids[t] for t in positions]
+            # Prefix decodes give each student token's character end in the decoded text, whatever produced the ids.
+            prefixes = self.tokenizer.batch_decode([student_ids[: k + 1] for k in range(len(student_ids))],
+                                                   skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            text = prefixes[-1] if prefixes else ""
+            encoded = self.teacher_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            teacher_ids = encoded["input_ids"]
+            labels = [IGNORE_INDEX] * len(teacher_ids)
+            pairs = span_starts(monotone_ends([len(p) for p in prefixes]),
+                                monotone_ends([end for _, end in encoded["offset_mapping"]]))
+            for i, j in pairs:  # student token i and teacher token j both follow the same text prefix
+                if i >= 1 and j >= 1 and scored[row][positions[i] - 1]:
+                    aligned.append(flat_index[row][positions[i] - 1])
+                    labels[j] = teacher_ids[j]
+            teacher_rows.append((teacher_ids, labels))
+        width = max(1, max(len(ids) for ids, _ in teacher_rows))
+        pad = self.teacher_tokenizer.pad_token_id
+        teacher_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in teacher_rows], device=self.device)
+        teacher_labels = torch.tensor([labels + [IGNORE_INDEX] * (width - len(labels)) for _, labels in teacher_rows],
+                                      device=self.device)  # (B, Tt)
+        teacher_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in teacher_rows],
+                                    device=self.device)
+        with torch.no_grad():  # rows in (row, position) order, as `aligned` (the alignment is monotone)
+            teacher_logits = labelled_logits(self.teacher, teacher_ids, teacher_mask, teacher_labels).logits  # (A, Vt)
+        return cross_tokenizer_loss(student.logits, student.targets, torch.tensor(aligned, dtype=torch.long,
+                                                                                   device=self.device),
+                                    teacher_logits, method=hp.cross_tokenizer, temperature=hp.temperature,
+                                    alpha=alpha, top_k=hp.cross_tokenizer_top_k,
+                                    vocab_map=getattr(self, "vocab_map", None), reduction=reduction)
 
     def training_step(self, batch, batch_idx):
         hp = self.hparams
@@ -188,8 +262,9 @@ class DistillModule(CausalLMModule):
         student, teacher_label_logprobs, loss, stats = self.distill_loss(
             batch, self.hparams.alpha, reduction="mean", with_teacher_label_logprobs=True)
         self.student_ppl(student.logits[None].float(), student.targets[None])  # (1, N, V): all N positions scored
-        self.teacher_nll.update(-teacher_label_logprobs)
-        self.mean_divergence.update(stats.divergence, weight=stats.num_tokens)
+        if teacher_label_logprobs is not None:  # None across tokenizers: the teacher's tokens are not the labels
+            self.teacher_nll.update(-teacher_label_logprobs)
+        self.mean_divergence.update(stats.divergence, weight=divergence_weight(stats))
         tokens = int(stats.num_tokens)
         self.log_dict({f"{stage}/loss": loss, f"{stage}/ce": stats.ce}, batch_size=tokens, sync_dist=True)
         self.log_dict({f"{stage}/ppl": self.student_ppl, f"{stage}/kd_divergence": self.mean_divergence},
@@ -203,6 +278,8 @@ class DistillModule(CausalLMModule):
 
     def _log_teacher_ppl(self, stage: str) -> None:
         """exp of the token-weighted mean teacher NLL (synced across ranks by the metric)."""
+        if self.hparams.cross_tokenizer is not None:
+            return
         self.log(f"{stage}/teacher_ppl", self.teacher_nll.compute().exp(), prog_bar=True)
         self.teacher_nll.reset()
 
@@ -217,8 +294,11 @@ class DistillModule(CausalLMModule):
             student, teacher_label_logprobs, _, stats = self.distill_loss(
                 batch, self.hparams.alpha, reduction="mean", with_teacher_label_logprobs=True)
             student_ppl.update(student.logits[None].float(), student.targets[None])
-            teacher_nll.update(-teacher_label_logprobs)
-            divergence.update(stats.divergence, weight=stats.num_tokens)
+            if teacher_label_logprobs is not None:
+                teacher_nll.update(-teacher_label_logprobs)
+            divergence.update(stats.divergence, weight=divergence_weight(stats))
         self.train(was_training)
-        return {"student_ppl": student_ppl.compute().item(), "teacher_ppl": teacher_nll.compute().exp().item(),
-                "kd_divergence": divergence.compute().item()}
+        result = {"student_ppl": student_ppl.compute().item(), "kd_divergence": divergence.compute().item()}
+        if self.hparams.cross_tokenizer is None:
+            result["teacher_ppl"] = teacher_nll.compute().exp().item()
+        return result
