@@ -1,5 +1,5 @@
 """Proximal policy optimisation losses on completion tokens (Schulman et al. 2017): the clipped surrogate policy
-loss and the clipped value loss, shared by PPO and GRPO.
+loss and the clipped value loss, shared by PPO and GRPO, and the adaptive KL controller of RLHF's PPO.
 
 Shape legend: B sequences, N completion tokens. Both losses return the *token sum* of the per-token loss (the
 caller divides by the token count of the whole optimizer step, across micro-batches and ranks) or its mean.
@@ -126,3 +126,22 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask
         per_token = 0.5 * torch.maximum(unclipped, clipped)
         clipfrac = masked_mean((clipped > unclipped).float().detach(), mask)
     return _reduce(per_token, mask, reduction), ValueStats(clipfrac, masked_mean(values.detach(), mask))
+
+
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, horizon: float, n_steps: int) -> float:
+    """One update of the adaptive KL coefficient (Ziegler et al. 2019, §2.2; TRL's ``AdaptiveKLController``):
+    ``β ← β · (1 + clip(KL / target − 1, −0.2, 0.2) · n_steps / horizon)``.
+
+    Args:
+        kl_coef: β used for the rollout just made.
+        kl: the rollout's measured KL(π ‖ π_ref), per sequence (summed over tokens), averaged over sequences.
+        target: KL_target.
+        horizon: H; the larger, the slower β moves.
+        n_steps: samples in the rollout (sequences, all ranks).
+
+    Returns:
+        β for the next rollout: it grows while the KL is above target and shrinks below, by at most 20 % ·
+        n_steps / H per update.
+    """
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)

@@ -10,7 +10,9 @@ One training step = one rollout and several updates:
    GAE(γ, λ) advantages, whitened over the rollout, and returns = advantages + values.
 5. ``ppo_epochs`` passes over the rollout in ``num_minibatches`` minibatches (one optimizer step each, their order
    shuffled per epoch), each micro-batched: clipped surrogate + ``vf_coef`` · clipped value loss
-   − ``entropy_coef`` · entropy, every term a token mean over the minibatch on all ranks.
+   − ``entropy_coef`` · entropy, every term a token mean over the minibatch on all ranks; optionally stopped early
+   once approx_kl exceeds ``target_kl`` (cleanrl).
+6. With ``kl_target``, the KL coefficient adapts to the rollout's KL for the next rollout (Ziegler et al. 2019).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from lit_distill.checks import require
-from lit_distill.losses.ppo import clipped_policy_loss, clipped_value_loss
+from lit_distill.losses.ppo import adaptive_kl_coef, clipped_policy_loss, clipped_value_loss
 from lit_distill.losses.rl import KL_ESTIMATORS, gae, kl_estimate, masked_mean, masked_sum, masked_var, masked_whiten
 from lit_distill.models.heads import ScalarHead, final_hidden_states
 from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer
@@ -42,7 +44,8 @@ class PPOModule(OnlineRLModule):
                  kl_coef: float = 0.05, kl_estimator: str = "k1", missing_eos_penalty: Optional[float] = None,
                  gamma: float = 1.0, lam: float = 0.95, whiten_advantages: bool = True, ppo_epochs: int = 4,
                  num_minibatches: int = 1, clip_eps: float = 0.2, clip_range_value: Optional[float] = 0.2,
-                 vf_coef: float = 0.1, entropy_coef: float = 0.0, sampling: Sampling = Sampling(),
+                 vf_coef: float = 0.1, entropy_coef: float = 0.0, kl_target: Optional[float] = None,
+                 kl_horizon: int = 10000, target_kl: Optional[float] = None, sampling: Sampling = Sampling(),
                  micro_batch_size: Optional[int] = None, max_grad_norm: Optional[float] = 1.0, seed: int = 0,
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
                  save_dir: Optional[str] = None, merge_lora: bool = False):
@@ -65,6 +68,15 @@ class PPOModule(OnlineRLModule):
             clip_range_value: clip of the value update around the rollout's values; None disables.
             vf_coef: weight of the value loss.
             entropy_coef: weight of the entropy bonus.
+            kl_target: adaptive KL control (Ziegler et al. 2019): after each rollout ``kl_coef`` moves towards the
+                value that keeps the rollout's per-sequence KL at this target (see
+                ``lit_distill.losses.adaptive_kl_coef``); logged as ``ppo/kl_coef``, saved in checkpoints. None keeps
+                ``kl_coef`` fixed.
+            kl_horizon: the controller's horizon H (in samples).
+            target_kl: early stop (cleanrl): after each PPO epoch, the remaining epochs of the rollout are skipped
+                when the approx_kl of the epoch's last minibatch exceeds this; logs ``ppo/updates`` (optimizer steps
+                done per rollout) and ``ppo/early_stopped``. Skipped updates do not count towards
+                ``trainer.max_steps``.
             sampling: how completions are sampled; log-probs use ``sampling.temperature``.
             micro_batch_size: sequences per forward/backward (gradient accumulation inside a minibatch).
             max_grad_norm: gradient clipping per update; None disables.
@@ -78,6 +90,10 @@ class PPOModule(OnlineRLModule):
                 (ppo_epochs, num_minibatches), ">= 1")
         require(clip_eps > 0, "clip_eps", clip_eps, "> 0")
         require(clip_range_value is None or clip_range_value > 0, "clip_range_value", clip_range_value, "> 0 or null")
+        require(kl_target is None or (kl_target > 0 and kl_coef > 0), "kl_target", kl_target,
+                "> 0 with kl_coef > 0, or null")
+        require(kl_horizon > 0, "kl_horizon", kl_horizon, "> 0")
+        require(target_kl is None or target_kl > 0, "target_kl", target_kl, "> 0 or null")
         require(vf_coef >= 0 and entropy_coef >= 0, "vf_coef and entropy_coef", (vf_coef, entropy_coef), ">= 0")
         super().__init__(policy, rewards, reward_weights=reward_weights, reference=reference,
                          needs_reference=kl_coef > 0, sampling=sampling, micro_batch_size=micro_batch_size,
@@ -94,6 +110,7 @@ class PPOModule(OnlineRLModule):
         hidden_size = (self.value_model or self.model).get_output_embeddings().in_features
         self.value_head = ScalarHead(hidden_size)
         self.num_minibatches = num_minibatches
+        self.kl_coef = kl_coef  # β of the next rollout: moved by the adaptive controller, kept in checkpoints
 
     def trainable_parameters(self):
         extra = [p for p in self.value_model.parameters() if p.requires_grad] if self.value_model is not None else []
@@ -133,8 +150,14 @@ class PPOModule(OnlineRLModule):
         rewards = torch.zeros_like(mask)
         if hp.kl_coef > 0:
             kl = kl_estimate(old_logprobs, self.reference_logprobs(rollout), hp.kl_estimator) * mask
-            rewards = rewards - hp.kl_coef * kl
+            rewards = rewards - self.kl_coef * kl
             self.record("rollout/kl", kl.sum(-1).mean())  # per-sequence KL, averaged
+            self.record("ppo/kl_coef", torch.tensor(self.kl_coef))
+            if hp.kl_target is not None:
+                sequences = self.global_sum(torch.tensor(float(mask.size(0))))
+                mean_kl = (self.global_sum(kl.sum()) / sequences).item()
+                self.kl_coef = adaptive_kl_coef(self.kl_coef, mean_kl, hp.kl_target, hp.kl_horizon,
+                                                int(sequences.item()))
         last = (rollout.completion_lengths - 1).clamp(min=0)  # (B,) index of the last real completion token
         rewards[torch.arange(mask.size(0)), last] += scores
         advantages, returns = gae(rewards, old_values, mask, hp.gamma, hp.lam)
@@ -156,17 +179,38 @@ class PPOModule(OnlineRLModule):
         minibatches = self.minibatches(mask.size(0))
         # The same order on every rank (DDP steps together); minibatch contents stay fixed (see modules/rl.py).
         order = torch.Generator().manual_seed(hp.seed + self.global_step)
+        updates = 0
         for _ in range(hp.ppo_epochs):
             for index in torch.randperm(len(minibatches), generator=order).tolist():
                 # At least 1: a minibatch without tokens has a zero loss sum anyway.
                 num_tokens = self.global_sum(sum(mask[rows].sum() for rows in minibatches[index])).clamp(min=1)
+                kl_sum = torch.zeros((), device=self.device)
                 for rows in minibatches[index]:
-                    self.backward_share(self.minibatch_loss(experience, rows), num_tokens)
+                    loss, approx_kl = self.minibatch_loss(experience, rows)
+                    self.backward_share(loss, num_tokens)
+                    kl_sum += approx_kl * mask[rows].sum()
                 self.optimizer_step()
+                updates += 1
+            # cleanrl's early stop: the last minibatch's approx_kl (a token mean over all ranks, so every rank stops
+            # at the same epoch).
+            if hp.target_kl is not None and (self.global_sum(kl_sum) / num_tokens).item() > hp.target_kl:
+                break
+        self.record("ppo/updates", torch.tensor(float(updates)))
+        if hp.target_kl is not None:
+            self.record("ppo/early_stopped", torch.tensor(float(updates < self.updates_per_rollout())))
         self.log_records()
 
-    def minibatch_loss(self, experience: dict, rows: slice) -> Tensor:
-        """Token-summed PPO loss of one micro-batch (the caller divides by the minibatch's token count)."""
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ppo_kl_coef"] = self.kl_coef
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.kl_coef = checkpoint.get("ppo_kl_coef", self.hparams.kl_coef)
+
+    def minibatch_loss(self, experience: dict, rows: slice) -> tuple[Tensor, Tensor]:
+        """Token-summed PPO loss of one micro-batch (the caller divides by the minibatch's token count) and its
+        detached approx_kl (a token mean)."""
         hp, rollout = self.hparams, experience["rollout"]
         sequences, attention, mask = rollout.sequences[rows], rollout.attention_mask[rows], experience["mask"][rows]
         forward = completion_forward(self.model, sequences, attention, rollout.prompt_length, self.sampling.temperature,
@@ -190,4 +234,4 @@ class PPOModule(OnlineRLModule):
         self.record("ppo/value_clipfrac", value_stats.clipfrac)
         if forward.entropy is not None:
             self.record("ppo/entropy", masked_mean(forward.entropy.detach(), mask))
-        return loss
+        return loss, policy_stats.approx_kl
