@@ -107,14 +107,14 @@ class GRPOModule(OnlineRLModule):
     def updates_per_rollout(self) -> int:
         return self.hparams.num_iterations
 
-    def sample_groups(self, batch: dict, sampling_round: int = 0) -> tuple[Rollout, Tensor, list[str]]:
-        """G completions of each prompt of ``batch`` (adjacent), their (B·G,) rewards and their prompts."""
+    def sample_groups(self, batch: dict, sampling_round: int = 0) -> tuple[Rollout, Tensor]:
+        """G completions of each prompt of ``batch`` (adjacent) and their (B·G,) rewards."""
         generations = self.hparams.num_generations
         rollout = self.sample(batch["prompt_input_ids"].repeat_interleave(generations, 0),
                               batch["prompt_attention_mask"].repeat_interleave(generations, 0),
                               sampling_round=sampling_round)
         prompts, columns = self.batch_columns(batch, repeats=generations)
-        return rollout, self.score(prompts, self.decode_completions(rollout), columns), prompts
+        return rollout, self.score(prompts, self.decode_completions(rollout), columns)
 
     def rollout_groups(self, batch: dict) -> tuple[Rollout, Tensor, Tensor]:
         """The step's rollout: its (B·G,) rewards and a (B·G,) bool of the rows that enter the loss.
@@ -127,7 +127,7 @@ class GRPOModule(OnlineRLModule):
         round (the policy on a fresh batch), not the filtered batch.
         """
         hp, generations = self.hparams, self.hparams.num_generations
-        rollout, rewards, _ = self.sample_groups(batch)
+        rollout, rewards = self.sample_groups(batch)
         equal = equal_reward_groups(rewards, generations)  # (prompts,)
         self.record_rollout(rollout, rewards)
         self.record("grpo/frac_zero_std", equal.float().mean())
@@ -143,7 +143,7 @@ class GRPOModule(OnlineRLModule):
             num_kept = sum(part[1].numel() for part in kept) // generations
             if num_kept >= wanted or rounds == hp.max_sampling_rounds:
                 break
-            rollout, rewards, _ = self.sample_groups(self.next_prompts(), sampling_round=rounds)
+            rollout, rewards = self.sample_groups(self.next_prompts(), sampling_round=rounds)
             equal = equal_reward_groups(rewards, generations)
             rounds += 1
         short = max(wanted - num_kept, 0)

@@ -76,7 +76,7 @@ def completion_forward(model: nn.Module, sequences: Tensor, attention_mask: Tens
 
 
 def select_rollout(rollout: Rollout, rows: Tensor) -> Rollout:
-    """The rows ``rows`` (an index or bool tensor over B) of a rollout."""
+    """The rows ``rows`` (an index tensor, bool tensor or slice over B) of a rollout."""
     return replace(rollout, sequences=rollout.sequences[rows], attention_mask=rollout.attention_mask[rows],
                    completion_mask=rollout.completion_mask[rows], logprobs=rollout.logprobs[rows],
                    finish_reason=rollout.finish_reason[rows])
