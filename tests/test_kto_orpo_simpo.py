@@ -1,5 +1,6 @@
-"""SimPO and ORPO: hand values, naive loops, gradients, TRL parity, and the DPOModule wiring without a reference."""
+"""SimPO, ORPO and KTO: hand values, naive loops, gradients, TRL parity, unpaired data, and the DPOModule wiring."""
 
+import json
 import math
 import warnings
 from types import SimpleNamespace
@@ -8,7 +9,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lit_distill.losses import ORPOStats, log_odds, orpo_loss, simpo_loss
+from conftest import TOKENIZER
+from lit_distill.data.preference import collate_unpaired, mismatched_rows
+from lit_distill.losses import ORPOStats, kto_loss, log_odds, orpo_loss, simpo_loss
 from lit_distill.modules import DPOModule
 from lit_distill.models.loading import ModelSpec
 from test_preference_modules import POLICY, first_batch, fit, preference_data
@@ -239,5 +242,229 @@ def test_reference_free_training_raises_the_preference_margin(loss_type, kwargs)
     (dict(loss_type="kto_pair"), "loss_type"),
 ])
 def test_module_rejects_options_that_do_not_apply(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DPOModule(policy=ModelSpec(**POLICY), **kwargs)
+
+
+# ---- KTO --------------------------------------------------------------------------------------------------------
+
+def kto_inputs(dtype=torch.float64):
+    # r = policy − reference = 2, 0, −1, 1; KL terms 1, 0, 0.5, 0.5: z = 0.5.
+    reference = torch.tensor([-3.0, -2.0, -4.0, -1.0], dtype=dtype)
+    policy = reference + torch.tensor([2.0, 0.0, -1.0, 1.0], dtype=dtype)
+    reference_kl = torch.tensor([-5.0, -6.0, -5.0, -7.0], dtype=dtype)
+    policy_kl = reference_kl + torch.tensor([1.0, 0.0, 0.5, 0.5], dtype=dtype)
+    return policy, reference, policy_kl, reference_kl, torch.tensor([True, True, False, False])
+
+
+def naive_kto(policy, reference, policy_kl, reference_kl, desirable, beta, w_d, w_u):
+    kl_terms = [p - r for p, r in zip(policy_kl.tolist(), reference_kl.tolist())]
+    z = max(0.0, sum(kl_terms) / len(kl_terms))
+    losses = []
+    for p, r, good in zip(policy.tolist(), reference.tolist(), desirable.tolist()):
+        x = beta * ((p - r) - z) if good else beta * (z - (p - r))
+        losses.append((w_d if good else w_u) * (1 - 1 / (1 + math.exp(-x))))
+    return losses
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_kto_hand_values():
+    # β = 2: desirable 1 − σ(2(2 − 0.5)), 1 − σ(2(0 − 0.5)); undesirable 1 − σ(2(0.5 + 1)), 1 − σ(2(0.5 − 1)).
+    losses, stats = kto_loss(*kto_inputs(), beta=2.0, desirable_weight=1.5, undesirable_weight=0.5, reduction="none")
+    expected = torch.tensor([1.5 * (1 - sigmoid(3)), 1.5 * (1 - sigmoid(-1)), 0.5 * (1 - sigmoid(3)),
+                             0.5 * (1 - sigmoid(-1))], dtype=torch.float64)
+    assert_close(losses, expected)
+    assert stats.kl.item() == pytest.approx(0.5)
+    assert_close(stats.rewards, torch.tensor([4.0, 0.0, -2.0, 2.0], dtype=torch.float64))
+
+
+def test_kto_reference_point_is_clamped_at_zero_and_detached():
+    policy, reference, policy_kl, reference_kl, desirable = kto_inputs()
+    policy, policy_kl = policy.clone().requires_grad_(), (reference_kl - 1.0).requires_grad_()  # KL estimate −1
+    loss, stats = kto_loss(policy, reference, policy_kl, reference_kl, desirable, beta=1.0)
+    assert stats.kl.item() == 0.0
+    loss.backward()
+    assert policy_kl.grad is None or not policy_kl.grad.any()
+    assert (policy.grad[desirable] < 0).all() and (policy.grad[~desirable] > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kto_matches_naive(dtype):
+    torch.manual_seed(0)
+    inputs = [-torch.rand(12, dtype=dtype) * 5 for _ in range(4)] + [torch.rand(12) > 0.4]
+    losses, _ = kto_loss(*inputs, beta=0.3, desirable_weight=1.2, undesirable_weight=0.8, reduction="none")
+    assert_close(losses, torch.tensor(naive_kto(*inputs, 0.3, 1.2, 0.8), dtype=dtype))
+    total, _ = kto_loss(*inputs, beta=0.3, desirable_weight=1.2, undesirable_weight=0.8, reduction="sum")
+    assert_close(total, losses.sum())
+    assert torch.autograd.gradcheck(
+        lambda p: kto_loss(p, *[x.double() for x in inputs[1:4]], inputs[4], beta=0.3)[0],
+        (inputs[0].double().requires_grad_(),))
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(beta=0.0), "beta"), (dict(desirable_weight=0.0), "weight"),
+                                          (dict(reduction="avg"), "reduction")])
+def test_kto_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kto_loss(*kto_inputs(), **kwargs)
+    with pytest.raises(ValueError, match="same shape"):
+        kto_loss(*kto_inputs()[:4], torch.tensor([True]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kto_matches_trl_kto_trainer(dtype):
+    """TRL 1.16 has no standalone KTO loss: KTOTrainer._compute_loss takes a model and a batch. It runs here on a
+    stand-in trainer (precomputed reference log-probs, one rank) and a stand-in model whose per-token log-probs are
+    the sequence log-probs (one completion token per row), so both sides see identical inputs. TRL's loss is the
+    mean over rows (``nanmean``), as ``reduction="mean"``."""
+    pytest.importorskip("trl")
+    from collections import defaultdict
+    from types import MethodType
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    torch.manual_seed(0)
+    size = 10
+    policy, reference, policy_kl, reference_kl = (-torch.rand(size, dtype=dtype) * 5 for _ in range(4))
+    policy.requires_grad_()
+    desirable = torch.rand(size) > 0.5
+    batch = {"input_ids": torch.zeros(size, 2, dtype=torch.long), "attention_mask": torch.ones(size, 2),
+             "completion_mask": torch.ones(size, 2), "KL_input_ids": torch.ones(size, 2, dtype=torch.long),
+             "KL_attention_mask": torch.ones(size, 2), "KL_completion_mask": torch.ones(size, 2), "label": desirable,
+             "ref_logps": reference, "ref_KL_logps": reference_kl}
+
+    def model(input_ids, **kwargs):
+        logps = policy_kl if input_ids is batch["KL_input_ids"] else policy
+        return SimpleNamespace(log_probs=logps[:, None], entropy=torch.zeros(size, 1),
+                               mean_logits=torch.zeros(size, 1))
+
+    trainer = SimpleNamespace(model=SimpleNamespace(training=True), calculate_KL=True, precompute_ref_logps=True,
+                              loss_type="kto", beta=0.3, desirable_weight=1.3, undesirable_weight=0.7,
+                              aux_loss_enabled=False, accelerator=SimpleNamespace(device="cpu",
+                                                                                  gather_for_metrics=lambda x: x),
+                              _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
+    trainer._compute_kl_logps = MethodType(KTOTrainer._compute_kl_logps, trainer)
+    theirs = KTOTrainer._compute_loss(trainer, model, batch, return_outputs=False)
+    (theirs_grad,) = torch.autograd.grad(theirs, policy)
+    ours, stats = kto_loss(policy, reference, policy_kl, reference_kl, desirable, beta=0.3, desirable_weight=1.3,
+                           undesirable_weight=0.7)
+    (ours_grad,) = torch.autograd.grad(ours, policy)
+    tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert_close(ours, theirs.to(ours.dtype), **tolerance)
+    assert_close(ours_grad, theirs_grad, **tolerance)
+    assert stats.kl.item() == pytest.approx(trainer._metrics["train"]["kl"][-1], abs=1e-6)
+
+
+# ---- unpaired data ----------------------------------------------------------------------------------------------
+
+def test_mismatched_rows_skip_rows_with_the_same_prompt():
+    assert mismatched_rows([[1], [2], [3]]) == [2, 0, 1]  # TRL's shift by one
+    assert mismatched_rows([[1], [1], [2], [2]]) == [3, 3, 1, 1]  # an unpaired pair's rows never meet
+    assert mismatched_rows([[1], [1]]) == [1, 0]  # one prompt: nothing else to pair with
+
+
+def test_collate_unpaired_builds_mismatched_kl_rows():
+    examples = [{"prompt_ids": [5, 6, 7], "completion_ids": [8, 2], "label": True},
+                {"prompt_ids": [9], "completion_ids": [10, 11, 12, 2], "label": False}]
+    batch = collate_unpaired(examples, pad_token_id=0, max_length=5)
+    assert batch["label"].tolist() == [True, False]
+    assert batch["completion_input_ids"].tolist() == [[5, 6, 7, 8, 2], [9, 10, 11, 12, 2]]
+    assert batch["completion_labels"].tolist() == [[-100, -100, -100, 8, 2], [-100, 10, 11, 12, 2]]
+    # Row 0's prompt is cut from the left to fit row 1's 4-token completion; row 1 gets row 0's completion.
+    assert batch["kl_input_ids"].tolist() == [[7, 10, 11, 12, 2], [9, 8, 2, 0, 0]]
+    assert batch["kl_labels"].tolist() == [[-100, 10, 11, 12, 2], [-100, 8, 2, -100, -100]]
+    assert batch["kl_attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+
+
+def test_squad_unpaired_rows_are_each_pair_split_by_label():
+    pairs, rows = preference_data(), preference_data(unpaired=True)
+    assert len(rows.datasets["train"]) == 2 * len(pairs.datasets["train"])
+    pair, (good, bad) = pairs.datasets["train"][0], rows.datasets["train"][:2]
+    assert good["label"] and not bad["label"] and good["prompt_ids"] == bad["prompt_ids"] == pair["prompt_ids"]
+    assert good["prompt_ids"] + good["completion_ids"] == pair["chosen_input_ids"]
+    assert bad["prompt_ids"] + bad["completion_ids"] == pair["rejected_input_ids"]
+    batch = first_batch(rows)
+    assert set(batch) == {f"{side}_{key}" for side in ("completion", "kl")
+                          for key in ("input_ids", "attention_mask", "labels")} | {"label"}
+
+
+def test_jsonl_unpaired_rows_and_a_bad_label_names_file_and_line(tmp_path):
+    from lit_distill.data import JSONLPreferenceDataModule
+    from lit_distill.data.io import DataFileError
+
+    rows = [{"prompt": f"Q{i}:", "completion": f" A{i}", "label": i % 2 == 0} for i in range(8)]
+    good = tmp_path / "unpaired.jsonl"
+    good.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = JSONLPreferenceDataModule(str(good), tokenizer=TOKENIZER, unpaired=True, validation_fraction=0.25,
+                                     batch_size=4)
+    data.setup("fit")
+    assert len(data.datasets["train"]) == 6 and [row["label"] for row in data.datasets["validation"]] == [True, False]
+    assert first_batch(data)["kl_input_ids"].shape[0] == 4
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "label": "yes"}) + "\n")
+    with pytest.raises(DataFileError, match=rf"{bad}:2: field 'label' must be true or false, got 'yes'"):
+        JSONLPreferenceDataModule(str(bad), tokenizer=TOKENIZER, unpaired=True).setup("fit")
+    with pytest.raises(DataFileError, match=rf"{good}:1: missing field\(s\) \['chosen', 'rejected'\]"):
+        JSONLPreferenceDataModule(str(good), tokenizer=TOKENIZER).setup("fit")
+
+
+# ---- KTO in DPOModule -------------------------------------------------------------------------------------------
+
+def test_kto_module_matches_the_loss_on_its_own_log_probs():
+    torch.manual_seed(0)
+    module = DPOModule(policy=ModelSpec(**POLICY), loss_type="kto", beta=0.5, desirable_weight=1.2)
+    assert module.reference is not None
+    batch = first_batch(preference_data(unpaired=True))
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # policy != reference
+        loss, stats, policy, policy_kl = module.preference_loss(batch, reduction="mean")
+        sums = {}
+        for model_name, model in (("policy", module.model), ("reference", module.reference)):
+            for side in ("completion", "kl"):
+                logits = model(input_ids=batch[f"{side}_input_ids"],
+                               attention_mask=batch[f"{side}_attention_mask"]).logits[:, :-1]  # (B, T - 1, V)
+                targets = batch[f"{side}_labels"][:, 1:]
+                token_logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                sums[model_name, side] = (token_logps * (targets != -100)).sum(-1)  # (B,)
+    assert_close(policy, sums["policy", "completion"], rtol=1e-5, atol=1e-5)
+    expected, _ = kto_loss(sums["policy", "completion"], sums["reference", "completion"], sums["policy", "kl"],
+                           sums["reference", "kl"], batch["label"], beta=0.5, desirable_weight=1.2)
+    assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    kl = (sums["policy", "kl"] - sums["reference", "kl"]).mean()
+    assert kl != 0 and stats.kl.item() == pytest.approx(max(kl.item(), 0.0), abs=1e-5)
+
+
+def test_kto_training_separates_desirable_from_undesirable_rewards():
+    torch.manual_seed(0)
+    module = DPOModule(policy=ModelSpec(**POLICY), loss_type="kto", beta=0.5,
+                       optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    data = preference_data(unpaired=True)
+    batch = first_batch(data)
+    trainer = fit(module, data, max_steps=30, limit_val_batches=2, val_check_interval=30,
+                  check_val_every_n_epoch=None)
+    with torch.no_grad():
+        _, stats, _, _ = module.preference_loss(batch, reduction="mean")
+    assert stats.rewards[stats.desirable].mean() > stats.rewards[~stats.desirable].mean() + 0.5
+    logged = trainer.callback_metrics  # the held-out split is too small to move in 30 steps: logged, consistent
+    assert logged["val/margin"] == logged["val/rewards_desirable"] - logged["val/rewards_undesirable"] != 0
+    assert logged["val/kl"] >= 0 and logged["val/loss"].isfinite()
+
+
+@pytest.mark.parametrize("kwargs,data_kwargs,match", [
+    (dict(loss_type="kto"), {}, "unpaired: true"),
+    (dict(loss_type="sigmoid"), dict(unpaired=True), "use loss_type 'kto'"),
+])
+def test_kto_and_pair_losses_refuse_the_other_batch_format(kwargs, data_kwargs, match):
+    module = DPOModule(policy=ModelSpec(**POLICY), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        module.preference_loss(first_batch(preference_data(**data_kwargs)), reduction="mean")
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(loss_type="kto", precompute_reference=True), "precompute_reference"),
+                                          (dict(loss_type="sigmoid", desirable_weight=2.0), "KTO's"),
+                                          (dict(loss_type="kto", undesirable_weight=0.0), "undesirable_weight")])
+def test_kto_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DPOModule(policy=ModelSpec(**POLICY), **kwargs)

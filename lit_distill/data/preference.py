@@ -1,11 +1,17 @@
-"""Preference pairs (prompt, chosen, rejected) for DPO and reward modelling.
+"""Preference pairs (prompt, chosen, rejected) for DPO and reward modelling, or unpaired labelled completions
+(prompt, completion, label) for KTO.
 
-Two DataModules with one batch format:
+Two DataModules with one batch format each for pairs and for unpaired rows (``unpaired=True``):
   * :class:`SQuADPreferenceDataModule` builds pairs from SQuAD-style QA (any source of
     :class:`~lit_distill.data.squad.SQuADDataModule`): chosen is the gold answer, rejected a seeded corruption
     of it, so the embedded corpus gives offline preference data whose "right" answer is checkable;
   * :class:`JSONLPreferenceDataModule` reads pairs written by someone else (``{"prompt", "chosen",
-    "rejected", "margin"?}`` per line), with per-line validation.
+    "rejected", "margin"?}`` per line), or TRL's unpaired rows ``{"prompt", "completion", "label": bool}``, with
+    per-line validation.
+
+Unpaired batches (:func:`collate_unpaired`) also carry KTO's mismatched ``kl_*`` sequences: each prompt followed by
+another row's completion. SQuAD pairs made unpaired give each pair's two rows (label True for chosen, False for
+rejected), as TRL's ``unpair_preference_dataset`` does.
 
 They are two classes rather than one with a ``.jsonl`` source because their options do not overlap
 (corruptions and prompt templates vs. ``on_invalid``), and a YAML config should only offer what applies.
@@ -23,8 +29,11 @@ from typing import Callable, Literal, Optional, Sequence
 from lit_distill.data import corpus
 from lit_distill.data.base import EncodedDataModule
 from lit_distill.data.chat import format_prompt
-from lit_distill.data.collate import (EncodingError, SkipLog, Truncation, collate_preference,
-                                      encode_preference_ids, holdout, tokenize, tokenize_completion)
+import torch
+
+from lit_distill.data.collate import (IGNORE_INDEX, EncodingError, SkipLog, Truncation, collate_preference,
+                                      encode_preference_ids, fit_prompt, holdout, join, pad_right, tokenize,
+                                      tokenize_completion)
 from lit_distill.data.io import DataFileError, find_split_file, read_numbered_jsonl
 from lit_distill.data.squad import DEFAULT_PROMPT_TEMPLATE, SQuADDataModule, SQuADExample
 from lit_distill.models.loading import load_tokenizer
@@ -159,6 +168,50 @@ def preference_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_leng
     return {**pair, "truncated": len(pair["prompt_ids"]) < len(prompt_ids)}
 
 
+def unpair(pair: dict) -> list[dict]:
+    """The two unpaired rows ``{"prompt_ids", "completion_ids", "label"}`` of an encoded pair: chosen is desirable,
+    rejected undesirable."""
+    prompt_ids = pair["prompt_ids"]
+    return [{"prompt_ids": prompt_ids, "completion_ids": pair[f"{side}_input_ids"][len(prompt_ids):], "label": label}
+            for side, label in (("chosen", True), ("rejected", False))]
+
+
+def mismatched_rows(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """For each row i, the row whose completion KTO's KL estimate pairs with prompt i: the nearest earlier row
+    (cyclically) with a different prompt. TRL shifts completions by one; skipping equal prompts keeps the two rows of
+    one unpaired pair from making a matched (prompt, completion). Rows whose batch has a single prompt are paired
+    with the previous row, matched: with one prompt there is no mismatch to estimate KL from."""
+    size = len(prompts)
+    return [next((j for j in ((i - k) % size for k in range(1, size)) if prompts[j] != prompts[i]), (i - 1) % size)
+            for i in range(size)]
+
+
+def collate_unpaired(examples: list[dict], pad_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Batch unpaired rows ``{"prompt_ids", "completion_ids", "label"}`` for KTO.
+
+    ``kl`` rows are each prompt followed by the completion of :func:`mismatched_rows`, the prompt cut from the left to
+    fit ``max_length``; TRL's KTO collator builds them the same way, within the batch. Both sides are padded to one
+    length T, so a module can score them in one (2B, T) forward.
+
+    Returns:
+        ``{completion,kl}_{input_ids,attention_mask,labels}``: (B, T) right-padded, labels -100 on prompt and padding;
+        ``label``: (B,) bool, True for a desirable completion.
+    """
+    prompts = [example["prompt_ids"] for example in examples]
+    completions = [example["completion_ids"] for example in examples]
+    sides = {"completion": [join(prompt, completion) for prompt, completion in zip(prompts, completions)],
+             "kl": [join(fit_prompt(prompts[i], len(completions[j]), max_length), completions[j])
+                    for i, j in enumerate(mismatched_rows(prompts))]}
+    length = max(len(row["input_ids"]) for rows in sides.values() for row in rows)
+    batch = {}
+    for side, rows in sides.items():
+        batch[f"{side}_input_ids"] = pad_right([row["input_ids"] for row in rows], pad_token_id, length)  # (B, T)
+        batch[f"{side}_attention_mask"] = pad_right([[1] * len(row["input_ids"]) for row in rows], 0, length)
+        batch[f"{side}_labels"] = pad_right([row["labels"] for row in rows], IGNORE_INDEX, length)
+    batch["label"] = torch.tensor([bool(example["label"]) for example in examples])  # (B,)
+    return batch
+
+
 class SQuADPreferenceDataModule(SQuADDataModule):
     """Pairs (prompt, gold answer, corrupted answer) from SQuAD-style QA; validation pairs from the validation split.
 
@@ -167,7 +220,8 @@ class SQuADPreferenceDataModule(SQuADDataModule):
     give the same pairs, in any order of the examples.
 
     Batches: ``{chosen,rejected}_{input_ids,attention_mask,labels}`` (B, T) right-padded to one length (labels
-    -100 on prompt and padding) and ``margin`` (B,) zeros.
+    -100 on prompt and padding) and ``margin`` (B,) zeros; with ``unpaired`` those of :func:`collate_unpaired`, each
+    pair giving a desirable and an undesirable row.
     """
 
     def __init__(self, source: str = "embedded", tokenizer: str = "lit-distill/tokenizer",
@@ -177,13 +231,14 @@ class SQuADPreferenceDataModule(SQuADDataModule):
                  corruption_weights: Optional[Sequence[float]] = None, batch_size: int = 8,
                  eval_batch_size: Optional[int] = None, hub_name: str = "squad", validation_fraction: float = 0.05,
                  embedded_examples: int = 2000, max_examples: Optional[dict[str, int]] = None,
-                 max_truncated_fraction: float = 0.5, num_workers: int = 0, seed: int = 0):
+                 max_truncated_fraction: float = 0.5, unpaired: bool = False, num_workers: int = 0, seed: int = 0):
         """
         Args:
             corruptions: names from :data:`CORRUPTIONS`: ``wrong_span`` (another value from the context),
                 ``other_question`` (another example's answer), ``truncated`` (first half of the answer),
                 ``shuffled`` (words or characters reordered).
             corruption_weights: relative frequency of each corruption (default: equal).
+            unpaired: serve unpaired rows (KTO) instead of pairs: gold answer desirable, corruption undesirable.
 
         The other arguments are those of :class:`~lit_distill.data.squad.SQuADDataModule`; examples no
         corruption applies to are skipped like over-long ones (counted in a warning).
@@ -213,9 +268,13 @@ class SQuADPreferenceDataModule(SQuADDataModule):
             return preference_pair(self.tokenizer, prompt, self.completion(prompt, example.answers[0]),
                                    self.completion(prompt, corruption[1]), hp.max_length, hp.truncation)
 
-        return self.encode_all(split, examples, encode)
+        pairs = self.encode_all(split, examples, encode)
+        return [row for pair in pairs for row in unpair(pair)] if hp.unpaired else pairs
 
     def collate_fn(self, split: str) -> Callable[[list[dict]], dict]:
+        if self.hparams.unpaired:
+            return partial(collate_unpaired, pad_token_id=self.tokenizer.pad_token_id,
+                           max_length=self.hparams.max_length)
         return partial(collate_preference, pad_token_id=self.tokenizer.pad_token_id)
 
 
@@ -236,6 +295,23 @@ def read_preference_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     return rows
 
 
+UNPAIRED_FIELDS = ("prompt", "completion", "label")
+
+
+def read_unpaired_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """``(line_number, row)`` for every row of a JSONL file of ``{"prompt", "completion", "label"}`` (TRL's unpaired
+    preference format; ``label`` true for a desirable completion).
+
+    Raises:
+        DataFileError: ``file:line`` of a malformed line, a missing or non-string field, or a non-boolean label.
+    """
+    rows = read_numbered_jsonl(path, required=UNPAIRED_FIELDS, strings=UNPAIRED_FIELDS[:2])
+    for number, row in rows:
+        if not isinstance(row["label"], bool):
+            raise DataFileError(f"{path}:{number}: field 'label' must be true or false, got {row['label']!r}")
+    return rows
+
+
 class JSONLPreferenceDataModule(EncodedDataModule):
     """Preference pairs from JSON lines ``{"prompt", "chosen", "rejected", "margin"?}``.
 
@@ -250,11 +326,14 @@ class JSONLPreferenceDataModule(EncodedDataModule):
 
     Batches: ``{chosen,rejected}_{input_ids,attention_mask,labels}`` (B, T) right-padded to one length (labels
     -100 on prompt and padding) and ``margin`` (B,) float, 0 where a line has none.
+
+    With ``unpaired``, lines are ``{"prompt", "completion", "label": bool}`` (one completion, desirable or not, for
+    KTO) and batches those of :func:`collate_unpaired`; a completion that does not fit is invalid as above.
     """
 
     def __init__(self, source: str, tokenizer: str = "lit-distill/tokenizer", chat_template: str = "none",
                  system: Optional[str] = None, max_length: int = 256, truncation: Truncation = "left_prompt",
-                 on_invalid: Literal["error", "skip"] = "skip", batch_size: int = 8,
+                 on_invalid: Literal["error", "skip"] = "skip", unpaired: bool = False, batch_size: int = 8,
                  eval_batch_size: Optional[int] = None, validation_fraction: float = 0.05,
                  max_examples: Optional[dict[str, int]] = None, max_truncated_fraction: float = 0.5,
                  num_workers: int = 0, seed: int = 0):
@@ -266,6 +345,7 @@ class JSONLPreferenceDataModule(EncodedDataModule):
             truncation: ``"left_prompt"`` cuts over-long prompts from the left; ``"error"`` makes every over-long
                 pair invalid.
             on_invalid: ``"skip"`` (counted and logged) or ``"error"``.
+            unpaired: read ``{"prompt", "completion", "label"}`` rows (KTO) instead of pairs.
             max_examples: optional cap per split on the lines read, e.g. ``{"validation": 64}``.
             max_truncated_fraction: share of a split's pairs whose prompt may be cut to fit (counted in a warning);
                 more is an error.
@@ -280,14 +360,15 @@ class JSONLPreferenceDataModule(EncodedDataModule):
         """The file ``split`` is read from (None when absent) and its ``(line_number, row)`` pairs."""
         hp = self.hparams
         path = Path(hp.source).expanduser()
+        read = read_unpaired_jsonl if hp.unpaired else read_preference_jsonl
         if path.is_dir():
             split_file = find_split_file(path, split)
             if split_file is None:
                 if split == "test":
                     return None, []
                 raise FileNotFoundError(f"preference directory '{path}' has no {split}.jsonl")
-            return split_file, read_preference_jsonl(split_file)
-        return path, holdout(read_preference_jsonl(path), split, hp.validation_fraction)
+            return split_file, read(split_file)
+        return path, holdout(read(path), split, hp.validation_fraction)
 
     def check_rows(self, task: Optional[str] = None) -> None:
         for split in ("train", "validation"):
@@ -301,9 +382,13 @@ class JSONLPreferenceDataModule(EncodedDataModule):
         encoded, truncated = [], 0
         for number, row in rows:
             try:
+                prompt = format_prompt(self.tokenizer, row["prompt"], hp.chat_template, hp.system)
+                if hp.unpaired:
+                    encoded.append(self.unpaired_row(prompt, row["completion"], row["label"]))
+                    truncated += encoded[-1].pop("truncated")
+                    continue
                 if row["chosen"] == row["rejected"]:
                     raise EncodingError("chosen == rejected")
-                prompt = format_prompt(self.tokenizer, row["prompt"], hp.chat_template, hp.system)
                 pair = preference_pair(self.tokenizer, prompt, row["chosen"], row["rejected"], hp.max_length,
                                        hp.truncation)
                 truncated += pair.pop("truncated")
@@ -316,9 +401,19 @@ class JSONLPreferenceDataModule(EncodedDataModule):
         skips.report(len(rows))
         self.report_truncation(f"{split} split of '{path}'", truncated, len(encoded), hp.max_length)
         if split != "test" and not encoded:
-            raise ValueError(f"{split} split of '{path}' has no valid preference pairs ({len(rows)} lines read, "
+            raise ValueError(f"{split} split of '{path}' has no valid preference rows ({len(rows)} lines read, "
                              f"{len(skips.where)} skipped)")
         return encoded
 
+    def unpaired_row(self, prompt: str, completion: str, label: bool) -> dict:
+        prompt_ids = tokenize(self.tokenizer, prompt)
+        completion_ids = tokenize_completion(self.tokenizer, completion)
+        fitted = fit_prompt(prompt_ids, len(completion_ids), self.hparams.max_length, self.hparams.truncation)
+        return {"prompt_ids": fitted, "completion_ids": completion_ids, "label": label,
+                "truncated": len(fitted) < len(prompt_ids)}
+
     def collate_fn(self, split: str) -> Callable[[list[dict]], dict]:
+        if self.hparams.unpaired:
+            return partial(collate_unpaired, pad_token_id=self.tokenizer.pad_token_id,
+                           max_length=self.hparams.max_length)
         return partial(collate_preference, pad_token_id=self.tokenizer.pad_token_id)

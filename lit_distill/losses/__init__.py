@@ -7,8 +7,9 @@ from lit_distill.losses.kd import DIVERGENCES, KDStats, align_vocab, kd_loss, to
 from lit_distill.losses.logprobs import sequence_logprobs_from_logits, token_logprobs
 from lit_distill.losses.ppo import (IMPORTANCE_SAMPLING_LEVELS, PolicyStats, ValueStats, clipped_policy_loss,
                                     clipped_value_loss)
-from lit_distill.losses.preference import (DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, DPOStats, ORPOStats,
-                                          RewardStats, dpo_loss, log_odds, orpo_loss, reward_loss, simpo_loss)
+from lit_distill.losses.preference import (DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, DPOStats, KTOStats,
+                                          ORPOStats, RewardStats, dpo_loss, kto_loss, log_odds, orpo_loss,
+                                          reward_loss, simpo_loss)
 from lit_distill.losses.topk_kd import topk_kd_loss
 from lit_distill.losses.rl import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, SCALE_REWARDS, equal_reward_groups, gae,
                                    group_advantages, kl_estimate, masked_mean, masked_sum, masked_var, masked_whiten,
@@ -19,8 +20,9 @@ __all__ = ["ADVANTAGE_ESTIMATORS", "IMPORTANCE_SAMPLING_LEVELS", "equal_reward_g
            "CROSS_TOKENIZER_METHODS", "CrossTokenizerStats", "build_vocab_map", "cross_tokenizer_loss",
            "monotone_ends", "span_starts", "uld_distance", "vocab_map_kl",
            "DIVERGENCES", "DPOStats", "DPO_LOSS_TYPES", "GRPOStats", "GRPO_LOSS_TYPES", "KDStats", "KL_ESTIMATORS",
-           "ORPOStats", "PolicyStats", "REFERENCE_FREE_LOSS_TYPES", "RewardStats", "SCALE_REWARDS", "ValueStats",
-           "align_vocab", "clipped_policy_loss", "clipped_value_loss", "dpo_loss", "gae", "group_advantages",
-           "grpo_denominator", "grpo_loss", "kd_loss", "kl_estimate", "log_odds", "masked_mean", "masked_sum",
-           "masked_var", "masked_whiten", "orpo_loss", "reward_loss", "sequence_logprobs_from_logits", "simpo_loss",
-           "step_denominators", "token_divergence", "token_logprobs", "topk_kd_loss"]
+           "KTOStats", "ORPOStats", "PolicyStats", "REFERENCE_FREE_LOSS_TYPES", "RewardStats", "SCALE_REWARDS",
+           "ValueStats", "align_vocab", "clipped_policy_loss", "clipped_value_loss", "dpo_loss", "gae",
+           "group_advantages", "grpo_denominator", "grpo_loss", "kd_loss", "kl_estimate", "kto_loss", "log_odds",
+           "masked_mean", "masked_sum", "masked_var", "masked_whiten", "orpo_loss", "reward_loss",
+           "sequence_logprobs_from_logits", "simpo_loss", "step_denominators", "token_divergence", "token_logprobs",
+           "topk_kd_loss"]

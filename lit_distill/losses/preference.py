@@ -1,7 +1,7 @@
 """Preference losses on pairs (chosen, rejected): DPO and its variants, the reference-free SimPO and ORPO, and
-reward modelling.
+reward modelling; and KTO on unpaired completions labelled desirable or undesirable.
 
-Shapes: B batch (pairs). Inputs are per-sequence scalars: sequence log-probs (see
+Shapes: B batch (pairs, or unpaired completions for KTO). Inputs are per-sequence scalars: sequence log-probs (see
 ``lit_distill.losses.logprobs.sequence_logprobs_from_logits``), their per-token means, or reward-model scores.
 
 Losses are computed in fp32 (float64 for float64 inputs) and return ``(loss, stats)`` with detached stats.
@@ -55,6 +55,20 @@ class ORPOStats(NamedTuple):
     margin: Tensor
     accuracy: Tensor
     nll: Tensor
+
+
+class KTOStats(NamedTuple):
+    """Detached diagnostics of one ``kto_loss`` call.
+
+    Attributes:
+        rewards: (B,) β (log π(y|x) − log π_ref(y|x)) of each completion.
+        desirable: (B,) bool labels, to split ``rewards`` into desirable and undesirable means.
+        kl: scalar reference point z_ref, the clamped KL estimate.
+    """
+
+    rewards: Tensor
+    desirable: Tensor
+    kl: Tensor
 
 
 class RewardStats(NamedTuple):
@@ -256,6 +270,55 @@ def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, *, bet
     margin = (odds_chosen - odds_rejected).detach()  # (B,)
     stats = ORPOStats(rewards_chosen=odds_chosen.detach(), rewards_rejected=odds_rejected.detach(), margin=margin,
                       accuracy=(margin > 0).to(dtype).mean(), nll=nll.detach().mean())
+    return _reduce(losses, reduction), stats
+
+
+def kto_loss(policy_logps: Tensor, reference_logps: Tensor, policy_kl_logps: Tensor, reference_kl_logps: Tensor,
+             desirable: Tensor, *, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             reduction: str = "mean") -> tuple[Tensor, KTOStats]:
+    """Kahneman–Tversky optimisation (Ethayarajh et al. 2024, eq. 8) on unpaired completions.
+
+    With r = log π(y|x) − log π_ref(y|x) and the reference point z = max(0, mean_B(log π(y'|x) − log π_ref(y'|x)))
+    over mismatched (x, y') pairs of the batch (an estimate of KL(π‖π_ref), detached: it sets the point of loss
+    aversion, it is not trained), each completion's loss is
+    λ_D (1 − σ(β (r − z))) when desirable and λ_U (1 − σ(β (z − r))) when undesirable.
+
+    Args:
+        policy_logps: (B,) policy log-probs (sums over tokens) of each completion given its prompt.
+        reference_logps: (B,) reference log-probs of the same.
+        policy_kl_logps: (B,) policy log-probs of mismatched completions y' (another row's) given each prompt.
+        reference_kl_logps: (B,) reference log-probs of the same.
+        desirable: (B,) bool, True for a desirable completion.
+        beta: β > 0, the scale of the implied reward.
+        desirable_weight: λ_D > 0; the paper keeps λ_D n_D / (λ_U n_U) in [1, 4/3].
+        undesirable_weight: λ_U > 0.
+        reduction: ``"mean"`` or ``"sum"`` over completions, or ``"none"`` for the (B,) per-completion losses.
+
+    Returns:
+        The fp32 loss (scalar, or (B,) for ``"none"``) and ``KTOStats``.
+
+    Raises:
+        ValueError: for an invalid argument (named in the message) or inputs of different shapes.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not (desirable_weight > 0 and undesirable_weight > 0):
+        raise ValueError(f"desirable_weight and undesirable_weight must be > 0, got {desirable_weight} and "
+                         f"{undesirable_weight}")
+    _check_reduction(reduction)
+    inputs = (policy_logps, reference_logps, policy_kl_logps, reference_kl_logps, desirable)
+    if len({tuple(x.shape) for x in inputs}) != 1:
+        raise ValueError("policy_logps, reference_logps, policy_kl_logps, reference_kl_logps and desirable must have "
+                         f"the same shape, got {[tuple(x.shape) for x in inputs]}")
+    dtype = compute_dtype(*inputs[:4])
+    desirable = desirable.bool()
+
+    logratios = policy_logps.to(dtype) - reference_logps.detach().to(dtype)  # (B,)
+    kl = (policy_kl_logps.detach().to(dtype) - reference_kl_logps.detach().to(dtype)).mean().clamp(min=0)  # ()
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios))))  # (B,)
+
+    stats = KTOStats(rewards=beta * logratios.detach(), desirable=desirable, kl=kl)
     return _reduce(losses, reduction), stats
 
 
