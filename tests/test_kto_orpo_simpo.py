@@ -313,8 +313,9 @@ def test_kto_bad_arguments(kwargs, match):
         kto_loss(*kto_inputs()[:4], torch.tensor([True]))
 
 
+@pytest.mark.parametrize("kl_shift", [0.5, -0.5])  # the KL estimate's sign: z > 0, or clamped to 0
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kto_matches_trl_kto_trainer(dtype):
+def test_kto_matches_trl_kto_trainer(dtype, kl_shift):
     """TRL 1.16 has no standalone KTO loss: KTOTrainer._compute_loss takes a model and a batch. It runs here on a
     stand-in trainer (precomputed reference log-probs, one rank) and a stand-in model whose per-token log-probs are
     the sequence log-probs (one completion token per row), so both sides see identical inputs. TRL's loss is the
@@ -326,7 +327,8 @@ def test_kto_matches_trl_kto_trainer(dtype):
 
     torch.manual_seed(0)
     size = 10
-    policy, reference, policy_kl, reference_kl = (-torch.rand(size, dtype=dtype) * 5 for _ in range(4))
+    policy, reference, reference_kl = (-torch.rand(size, dtype=dtype) * 5 for _ in range(3))
+    policy_kl = reference_kl + kl_shift + 0.2 * torch.randn(size, dtype=dtype)
     policy.requires_grad_()
     desirable = torch.rand(size) > 0.5
     batch = {"input_ids": torch.zeros(size, 2, dtype=torch.long), "attention_mask": torch.ones(size, 2),
@@ -354,6 +356,7 @@ def test_kto_matches_trl_kto_trainer(dtype):
     assert_close(ours, theirs.to(ours.dtype), **tolerance)
     assert_close(ours_grad, theirs_grad, **tolerance)
     assert stats.kl.item() == pytest.approx(trainer._metrics["train"]["kl"][-1], abs=1e-6)
+    assert (stats.kl > 0) == (kl_shift > 0)
 
 
 # ---- unpaired data ----------------------------------------------------------------------------------------------
