@@ -164,7 +164,7 @@ class DistillModule(CausalLMModule):
         loss_args = dict(divergence=hp.divergence, temperature=hp.temperature, alpha=alpha, beta=hp.beta,
                          chunk_size=hp.chunk_size, reduction=reduction, vocab_size=len(self.tokenizer))
         if hp.cross_tokenizer is not None:
-            return student, None, *self.cross_tokenizer_loss(batch, student, alpha, reduction)
+            return student, None, *self.aligned_teacher_loss(batch, student, alpha, reduction)
         if self.logit_cache is not None:
             cached = CachedTeacherOutputs(*(dense[student.mask] for dense in self.logit_cache.lookup(batch)))
             loss, stats = topk_kd_loss(student.logits, cached.topk_ids, cached.topk_logprobs, cached.tail_logprob,
@@ -178,7 +178,7 @@ class DistillModule(CausalLMModule):
                                   else None)
         return student, teacher_label_logprobs, loss, stats
 
-    def cross_tokenizer_loss(self, batch: dict, student, alpha: float, reduction: str):
+    def aligned_teacher_loss(self, batch: dict, student, alpha: float, reduction: str):
         """The loss and stats of ``losses.cross_tokenizer_loss``: the teacher runs on its own tokenization of each
         row's text, its head only at the positions aligned with a labelled student position."""
         hp = self.hparams
