@@ -2,12 +2,15 @@
 tokenizer, the error without the option, and a few real optimizer steps."""
 
 import importlib.util
+import json
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
 from conftest import TOKENIZER
+from lit_distill.cli import LitDistillCLI
 from lit_distill.commands.tokenizer import train as train_tokenizer
 from lit_distill.data import corpus
 from lit_distill.losses import kd_loss, uld_distance
@@ -110,3 +113,22 @@ def test_smollm2_teacher_aligns_with_package_tokenizer():
                             cross_tokenizer_top_k=256)
     _, _, loss, stats = distill.distill_loss(text_batch(tokenizer, corpus.text_documents(2, seed=1)), alpha=0.5)
     assert torch.isfinite(loss) and int(stats.num_aligned) > 0.5 * int(stats.num_tokens)
+
+
+@pytest.mark.slow  # minutes on 2 loaded cores
+def test_quick_overlay_runs_through_the_cli_and_moves_its_metrics(other_tokenizer, tmp_path):
+    """configs/distill/cross_tokenizer_quick.yaml end to end (shortened): the student's held-out perplexity and its
+    ULD distance to the teacher both fall."""
+    root = Path(__file__).resolve().parent.parent
+    LitDistillCLI(args=["fit", "--config", str(root / "configs/distill/cross_tokenizer.yaml"), "--config",
+                        str(root / "configs/distill/cross_tokenizer_quick.yaml"), "--trainer.max_steps", "30",
+                        "--trainer.val_check_interval", "30", "--trainer.enable_progress_bar", "false",
+                        "--data.init_args.embedded_documents", "200", "--data.init_args.max_blocks",
+                        "{validation: 8}", "--model.init_args.student.tokenizer", other_tokenizer,
+                        "--data.init_args.tokenizer", other_tokenizer,
+                        "--trainer.logger.init_args.save_dir", str(tmp_path),
+                        "--model.init_args.save_dir", str(tmp_path / "student")])
+    report = json.loads(next(tmp_path.rglob("distill_report.json")).read_text())
+    assert report["student_ppl_after"] < 0.5 * report["student_ppl_before"]
+    assert report["kd_divergence_after"] < report["kd_divergence_before"]
+    assert "teacher_ppl_after" not in report  # the teacher's tokens are not the student's labels
