@@ -23,6 +23,7 @@ def readme_blocks(language: str) -> list[str]:
 # Command blocks that run here, by a line they contain: what each needs beforehand (made by a fixture).
 RUN = {
     "python -m lit_distill export runs/quickstart/student": "the quickstart's student (quickstart_run)",
+    "python -m lit_distill fit --config configs/grpo/self_distill.yaml": "nothing (10 LoRA steps and the export)",
 }
 # The others, by a line they contain, and why they do not run here.
 NOT_RUN = {
@@ -30,7 +31,6 @@ NOT_RUN = {
     "pip install -e '.[test]' && python -m pytest": "the set-up and this test suite itself",
     "python -m lit_distill cache-teacher --config configs/quickstart.yaml": "a teacher pass and a fit (~3 min)",
     "python -m lit_distill write-data --model smollm2-135m-instruct": "SmolLM2 writes 192 tokens per prompt (minutes)",
-    "python -m lit_distill fit --config configs/grpo/self_distill.yaml": "10 GRPO steps (~5 min)",
     "python -m lit_distill bench reward dpo kd_off_policy": "benchmarks, TRL from the bench extra (tens of minutes)",
     "python bin/distill_comparison.py": "the SmolLM2 comparison (hours)",
 }
@@ -69,6 +69,9 @@ def test_quick_command_blocks_run_verbatim(quickstart_run):
     export = quickstart_run / "runs/quickstart/export"
     assert (export / "merged/config.json").is_file()
     assert {path.name for path in (export / "gguf").glob("*.gguf")} == {"model-f16.gguf", "model-q8_0.gguf"}
+    lora = quickstart_run / "runs/grpo_self_distill/export"
+    assert (lora / "adapter/adapter_config.json").is_file() and (lora / "merged/config.json").is_file()
+    assert [path.name for path in (lora / "gguf").glob("*.gguf")] == ["model-f16.gguf"]
 
 
 def nest(snippet: dict, path: list[str]) -> dict:
