@@ -5,7 +5,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -13,7 +12,7 @@ from conftest import TOKENIZER
 from lit_distill.cli import LitDistillCLI
 from lit_distill.commands.tokenizer import train as train_tokenizer
 from lit_distill.data import corpus
-from lit_distill.losses import kd_loss, uld_distance
+from lit_distill.losses import uld_distance
 from lit_distill.models.forward import labelled_logits
 from lit_distill.models.loading import ModelSpec, load_tokenizer
 from lit_distill.modules import DistillModule

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from lit_distill.losses.ppo import IMPORTANCE_SAMPLING_LEVELS, clipped_policy_loss
+from lit_distill.losses.ppo import clipped_policy_loss
 from lit_distill.losses.rl import kl_estimate, masked_mean
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
