@@ -159,7 +159,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, referen
     h = chosen_logratios - rejected_logratios  # (B,)
     eps = label_smoothing
     if loss_type == "sigmoid":
-        losses = -(1.0 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+        losses = _smoothed_sigmoid_loss(beta * h, eps)
     elif loss_type == "ipo":
         losses = (h - 1.0 / (2.0 * beta)) ** 2
     elif loss_type == "hinge":
@@ -167,12 +167,20 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, referen
     else:  # robust
         losses = (-(1.0 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1.0 - 2.0 * eps)
 
-    rewards_chosen = beta * chosen_logratios.detach()  # (B,)
-    rewards_rejected = beta * rejected_logratios.detach()  # (B,)
-    margin = rewards_chosen - rewards_rejected  # (B,)
-    stats = DPOStats(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected, margin=margin,
-                     accuracy=(margin > 0).to(dtype).mean())
-    return _reduce(losses, reduction), stats
+    return _reduce(losses, reduction), _pair_stats(beta * chosen_logratios, beta * rejected_logratios)
+
+
+def _smoothed_sigmoid_loss(logits: Tensor, label_smoothing: float) -> Tensor:
+    """−(1 − ε) log σ(x) − ε log σ(−x) per pair: the logistic loss when each label is flipped with probability ε."""
+    return -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def _pair_stats(rewards_chosen: Tensor, rewards_rejected: Tensor) -> DPOStats:
+    """``DPOStats`` of (B,) implicit rewards (detached): their margins and the share of pairs ranked right."""
+    chosen, rejected = rewards_chosen.detach(), rewards_rejected.detach()
+    margin = chosen - rejected  # (B,)
+    return DPOStats(rewards_chosen=chosen, rewards_rejected=rejected, margin=margin,
+                    accuracy=(margin > 0).to(chosen.dtype).mean())
 
 
 def _check_pair(chosen: Tensor, rejected: Tensor) -> None:
@@ -217,13 +225,8 @@ def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, *, be
 
     rewards_chosen = beta * policy_chosen_logps.to(dtype)  # (B,)
     rewards_rejected = beta * policy_rejected_logps.to(dtype)  # (B,)
-    h = rewards_chosen - rewards_rejected - gamma  # (B,)
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)  # (B,)
-
-    margin = (rewards_chosen - rewards_rejected).detach()  # (B,)
-    stats = DPOStats(rewards_chosen=rewards_chosen.detach(), rewards_rejected=rewards_rejected.detach(),
-                     margin=margin, accuracy=(margin > 0).to(dtype).mean())
-    return _reduce(losses, reduction), stats
+    losses = _smoothed_sigmoid_loss(rewards_chosen - rewards_rejected - gamma, label_smoothing)  # (B,)
+    return _reduce(losses, reduction), _pair_stats(rewards_chosen, rewards_rejected)
 
 
 def log_odds(mean_logps: Tensor) -> Tensor:
