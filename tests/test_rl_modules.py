@@ -234,7 +234,7 @@ def test_grpo_ddp_two_processes_complete_with_different_samples_per_rank(tmp_pat
 
 
 @pytest.mark.parametrize("config,updates", [("ppo/quickstart", 4), ("grpo/quickstart", 2), ("grpo/self_distill", 2),
-                                            ("ppo/embedding_cosine", 4)])
+                                            ("ppo/embedding_cosine", 4), ("dpo/online", 2)])
 def test_rl_quickstarts_run_and_report(config, updates, tmp_path):
     LitDistillCLI(args=["fit", "--config", str(ROOT / f"configs/{config}.yaml"), "--trainer.max_steps", str(updates),
                         "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",

@@ -11,12 +11,12 @@ from lit_distill.losses.preference import (DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_T
                                           ORPOStats, RewardStats, dpo_loss, kto_loss, log_odds, orpo_loss,
                                           reward_loss, simpo_loss)
 from lit_distill.losses.topk_kd import topk_kd_loss
-from lit_distill.losses.rl import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, SCALE_REWARDS, equal_reward_groups, gae,
-                                   group_advantages, kl_estimate, masked_mean, masked_sum, masked_var, masked_whiten,
-                                   reinforce_pp_advantages, rloo_advantages)
+from lit_distill.losses.rl import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, SCALE_REWARDS, best_worst_pairs,
+                                   equal_reward_groups, gae, group_advantages, kl_estimate, masked_mean, masked_sum,
+                                   masked_var, masked_whiten, reinforce_pp_advantages, rloo_advantages)
 
-__all__ = ["ADVANTAGE_ESTIMATORS", "IMPORTANCE_SAMPLING_LEVELS", "equal_reward_groups", "reinforce_pp_advantages",
-           "rloo_advantages",
+__all__ = ["ADVANTAGE_ESTIMATORS", "IMPORTANCE_SAMPLING_LEVELS", "best_worst_pairs", "equal_reward_groups",
+           "reinforce_pp_advantages", "rloo_advantages",
            "CROSS_TOKENIZER_METHODS", "CrossTokenizerStats", "build_vocab_map", "cross_tokenizer_loss",
            "monotone_ends", "span_starts", "uld_distance", "vocab_map_kl",
            "DIVERGENCES", "DPOStats", "DPO_LOSS_TYPES", "GRPOStats", "GRPO_LOSS_TYPES", "KDStats", "KL_ESTIMATORS",

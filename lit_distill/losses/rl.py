@@ -1,6 +1,6 @@
-"""Masked tensor math shared by the online-RL losses (PPO and GRPO): masked statistics, whitening, generalised
-advantage estimation, the policy-gradient advantage estimators (GRPO's group-relative, RLOO's leave-one-out,
-REINFORCE++'s batch-normalised returns) and per-token KL estimators.
+"""Masked tensor math shared by the online-RL losses (PPO, GRPO, online DPO): masked statistics, whitening,
+generalised advantage estimation, the policy-gradient advantage estimators (GRPO's group-relative, RLOO's
+leave-one-out, REINFORCE++'s batch-normalised returns), online DPO's best/worst pairs and per-token KL estimators.
 
 Shape legend: B sequences, N completion tokens. Masks are 1 on real completion tokens (EOS included) and 0 on
 padding; every completion's real tokens come first (right padding), as ``Rollout.completion_mask`` produces.
@@ -97,6 +97,19 @@ def equal_reward_groups(rewards: Tensor, group_size: int) -> Tensor:
     dynamic sampling drops these groups). Exact equality: robust to rounding in a std."""
     grouped = _grouped(rewards, group_size)
     return (grouped == grouped[:, :1]).all(-1)
+
+
+def best_worst_pairs(rewards: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Online DPO's preference pairs: from (prompts·G,) rewards of G adjacent completions per prompt, the flat row
+    index of each group's highest-rewarded (chosen) and lowest-rewarded (rejected) completion, the first of equals,
+    and a (prompts,) bool of the decisive groups, those whose rewards are not all equal (a tie is no preference).
+
+    Returns:
+        chosen (prompts,) int64, rejected (prompts,) int64 and decisive (prompts,) bool.
+    """
+    grouped = _grouped(rewards, group_size)  # (prompts, G)
+    offsets = torch.arange(grouped.size(0), device=rewards.device) * group_size
+    return grouped.argmax(-1) + offsets, grouped.argmin(-1) + offsets, ~equal_reward_groups(rewards, group_size)
 
 
 class GroupAdvantageStats(NamedTuple):
