@@ -1,6 +1,7 @@
 """GRPOModule with the RLOO / REINFORCE++ estimators and DAPO's dynamic sampling, on a tiny random Llama with a
-deterministic reward: filtered groups never reach the loss and the batch is refilled from the training dataloader."""
+deterministic reward: filtered groups never reach the loss and the batch is refilled from the training dataset."""
 
+import lightning as L
 import pytest
 import torch
 
@@ -55,12 +56,12 @@ def record_loss_inputs(monkeypatch, module):
 def test_dynamic_sampling_drops_equal_groups_and_refills_from_the_dataloader(llama_dir, tokenizer, monkeypatch):
     # Each batch: one live prompt, one dead. Round 1 keeps 1 group of 2; a refill batch from the dataloader brings
     # another live one, so the step trains on 2 live groups, none dead, after 2 rounds and 2 dropped groups. The
-    # refill is the module's own pass over the loader: this sequential loader's first batch again (fresh samples).
+    # refill is an item of the loader's dataset drawn by the step's seed (this loader's items are whole batches).
     data = batches(tokenizer, [[live, dead] for live, dead in zip(LIVE, DEAD)])
     module = grpo(llama_dir, rewards=[GatedLetterCount()], beta=0.0, dynamic_sampling=True, max_sampling_rounds=4)
     refills = []
     next_prompts = module.next_prompts
-    monkeypatch.setattr(module, "next_prompts", lambda: refills.append(next_prompts()) or refills[-1])
+    monkeypatch.setattr(module, "next_prompts", lambda round: refills.append(next_prompts(round)) or refills[-1])
     seen = record_loss_inputs(monkeypatch, module)
     trainer = fit(module, data, max_steps=1)
 
@@ -94,6 +95,34 @@ def test_dynamic_sampling_stops_at_the_round_cap_and_keeps_short_fill_out_of_the
     assert all(mask.sum() == 0 for _, mask in seen["loss"])  # the fill is in the tensors, not in the loss
     assert metrics["grpo/loss"].item() == 0.0
     assert_unchanged(module, before)
+
+
+def prompt_rows(tokenizer, texts):
+    """A map-style dataset of single prompts and the collate function batching them, as a DataModule serves them."""
+    rows = [{"prompt_input_ids": tokenizer(text)["input_ids"], "prompt": text} for text in texts]
+
+    def collate(items):
+        ids, mask = left_pad([item["prompt_input_ids"] for item in items], tokenizer.pad_token_id)
+        return {"prompt_input_ids": ids, "prompt_attention_mask": mask, "prompt": [item["prompt"] for item in items]}
+
+    return rows, collate
+
+
+def test_refill_prompts_are_a_function_of_the_step_and_round_not_of_the_loaders_position(llama_dir, tokenizer):
+    # A resumed run restores global_step and so refills exactly as an uninterrupted one; the Trainer's batches stay
+    # its own. Two runs agree on every refill; the rounds of a step draw different rows of the dataset.
+    rows, collate = prompt_rows(tokenizer, LIVE + DEAD)
+    refills = []
+    for _ in range(2):
+        module = grpo(llama_dir, dynamic_sampling=True)
+        trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(module, torch.utils.data.DataLoader(rows, batch_size=3, collate_fn=collate))
+        refills.append([module.next_prompts(round)["prompt"] for round in (1, 2, 3)])
+        assert module.next_prompts(1)["prompt"] == refills[-1][0]  # asked again: the same rows, not the next ones
+    assert refills[0] == refills[1]
+    assert all(len(set(prompts)) == 3 and set(prompts) <= set(LIVE + DEAD) for prompts in refills[0])
+    assert len({tuple(prompts) for prompts in refills[0]}) > 1
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp"])

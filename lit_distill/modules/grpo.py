@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
+from torch.utils.data import IterableDataset
 
 from lit_distill.checks import require
 from lit_distill.losses.grpo import GRPO_LOSS_TYPES, grpo_loss, step_denominators
@@ -104,6 +105,11 @@ class GRPOModule(OnlineRLModule):
                          save_dir=save_dir, merge_lora=merge_lora)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "rewards"])
 
+    def on_train_start(self) -> None:
+        if self.hparams.dynamic_sampling and isinstance(self.trainer.train_dataloader.dataset, IterableDataset):
+            raise ValueError("dynamic_sampling refills from a map-style training dataset (next_prompts); this "
+                             "training dataloader streams an IterableDataset")
+
     def updates_per_rollout(self) -> int:
         return self.hparams.num_iterations
 
@@ -143,7 +149,7 @@ class GRPOModule(OnlineRLModule):
             num_kept = sum(part[1].numel() for part in kept) // generations
             if num_kept >= wanted or rounds == hp.max_sampling_rounds:
                 break
-            rollout, rewards = self.sample_groups(self.next_prompts(), sampling_round=rounds)
+            rollout, rewards = self.sample_groups(self.next_prompts(rounds), sampling_round=rounds)
             equal = equal_reward_groups(rewards, generations)
             rounds += 1
         short = max(wanted - num_kept, 0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -131,7 +131,6 @@ class OnlineRLModule(CausalLMModule):
         self.uses_adapter_reference = needs_reference and self.reference is None
         self.val_reward = MeanMetric()
         self._stats: dict[str, list[Tensor]] = {}
-        self._prompt_stream: Optional[Iterator[dict]] = None  # see next_prompts
         self._rollout_tokens = 0
 
     # ---- rollout ------------------------------------------------------------------------------------------
@@ -146,15 +145,20 @@ class OnlineRLModule(CausalLMModule):
         return self.complete(prompt_ids, prompt_mask, **self.sampling.generate_kwargs(), do_sample=not greedy,
                              generator=generator)
 
-    def next_prompts(self) -> dict:
-        """A further prompt batch from the training dataloader (on the module's device), for refilling a rollout.
-
-        It is the module's own iterator over ``trainer.train_dataloader`` (a second pass beside the Trainer's, restarted
-        when exhausted): refill prompts are fresh draws of the training prompts, not the Trainer's next batches."""
-        batch = next(self._prompt_stream, None) if self._prompt_stream is not None else None
-        if batch is None:
-            self._prompt_stream = iter(self.trainer.train_dataloader)
-            batch = next(self._prompt_stream)
+    def next_prompts(self, sampling_round: int) -> dict:
+        """A further prompt batch for refilling generation round ``sampling_round`` of this step (on the module's
+        device): distinct rows of the training loader's dataset, drawn uniformly by a generator seeded with (seed,
+        rank, step, round) and collated by the loader. A pure function of the step, so a run resumed from any
+        checkpoint refills exactly as an uninterrupted one, and the Trainer's own batches are left alone. A loader
+        with ``batch_size=None`` (its dataset items are batches) gives one item."""
+        loader = self.trainer.train_dataloader
+        # The trailing 1 keeps this stream apart from the round's token sampling, seeded by the first four parts.
+        generator = seeded_generator(self.hparams.seed, self.global_rank, self.global_step, sampling_round, 1)
+        if loader.batch_size is None:
+            batch = loader.dataset[int(torch.randint(len(loader.dataset), (1,), generator=generator))]
+        else:
+            rows = torch.randperm(len(loader.dataset), generator=generator)[:loader.batch_size].tolist()
+            batch = loader.collate_fn([loader.dataset[row] for row in rows])
         return next(self.batches_on_device([batch]))
 
     @torch.no_grad()
