@@ -152,8 +152,11 @@ class LitDistillCLI(LightningCLI):
             data_only = self.config.clone()
             data_only[self.subcommand].model = None
             datamodule = self.parser.instantiate_classes(data_only)[self.subcommand].data
+            model_class = _import(config.model.class_path)
             if hasattr(datamodule, "check_rows"):
-                datamodule.check_rows(getattr(_import(config.model.class_path), "data_task", None))
+                datamodule.check_rows(getattr(model_class, "data_task", None))
+            if hasattr(model_class, "check_data"):  # what the module's own arguments require of its data
+                model_class.check_data(config.model.get("init_args") or {}, datamodule)
 
 
 class CacheTeacherCLI(LitDistillCLI):

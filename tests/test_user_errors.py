@@ -268,3 +268,13 @@ def test_a_malformed_line_of_a_prompt_file_is_reported_before_the_model_is_built
     with pytest.raises(DataFileError, match=r"prompts.jsonl:2"):
         LitDistillCLI(args=["fit", "--config", GRPO, "--model.init_args.policy.name_or_path", "/nonexistent/model",
                             "--data.init_args.embedded", "null", "--data.init_args.path", str(prompts)])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--model.init_args.loss_type", "kto"], "loss_type 'kto' trains on unpaired rows: set data.init_args.unpaired"),
+    (["--data.init_args.unpaired", "true"], "unpaired is true .* model.init_args.loss_type is 'sigmoid'")])
+def test_kto_and_pair_data_that_do_not_match_fail_before_the_model_is_built(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/dpo/quickstart.yaml"),
+                            "--model.init_args.policy.name_or_path", "/nonexistent/model",
+                            "--model.init_args.precompute_reference", "false", *overrides])

@@ -96,6 +96,20 @@ class DPOModule(CausalLMModule):
         self.val_accuracy, self.val_margin = MeanMetric(), MeanMetric()
         self.val_desirable, self.val_undesirable = MeanMetric(), MeanMetric()  # KTO's mean rewards by label
 
+    @staticmethod
+    def check_data(init_args: dict, datamodule) -> None:
+        """KTO trains on unpaired rows, every other loss on pairs: a data module whose ``unpaired`` says otherwise is
+        an error before any model loads (the CLI calls this; ``preference_loss`` checks each batch as well)."""
+        unpaired = getattr(datamodule, "hparams", {}).get("unpaired")
+        kto = init_args.get("loss_type") == "kto"
+        if unpaired is None or kto == unpaired:
+            return
+        if kto:
+            raise ValueError("model.init_args.loss_type 'kto' trains on unpaired rows: set data.init_args.unpaired: "
+                             "true")
+        raise ValueError(f"data.init_args.unpaired is true (rows labelled desirable or undesirable), which only "
+                         f"loss_type 'kto' trains on; model.init_args.loss_type is '{init_args.get('loss_type')}'")
+
     # ---- log-probs ----------------------------------------------------------------------------------------
     def sequence_logps(self, model, batch: dict, sides: Optional[tuple[str, ...]] = None) -> tuple[torch.Tensor, ...]:
         """(B,) log-probs of each side (default ``self.sides``: chosen and rejected, or KTO's completion and kl) from
