@@ -45,6 +45,7 @@ def fit(config: str | list[str], data_file: Path, tmp_path: Path, *extra: str,
     ("configs/dpo/preference.yaml", "preference", "val/accuracy"),
     ("configs/dpo/preference.yaml", "conversational_preference", "val/accuracy"),
     ("configs/dpo/preference.yaml", "implicit_preference", "val/accuracy"),
+    (["configs/dpo/preference.yaml", "configs/kto/preference.yaml"], "unpaired_preference", "val/margin"),
     ("configs/grpo/prompt_only.yaml", "prompt_only", "val/reward_mean"),
 ])
 def test_each_format_trains_through_the_cli(examples, tmp_path, config, data_file, metric):

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import datasets
 import pytest
+import torch
 
 from lit_distill.data import CurriculumDataModule, HFDataModule
 from lit_distill.data.collate import IGNORE_INDEX, tokenize
@@ -63,11 +64,14 @@ def labelled_text(tokenizer, example) -> str:
 FORMATS = [("text", "sft", "text"), ("messages", "sft", "messages"), ("prompt_completion", "sft", "prompt_completion"),
            ("conversational_prompt_completion", "sft", "prompt_completion"),
            ("preference", "preference", "preference"), ("conversational_preference", "preference", "preference"),
-           ("implicit_preference", "preference", "implicit_preference"), ("prompt_only", "prompts", "prompt_only"),
+           ("implicit_preference", "preference", "implicit_preference"),
+           ("unpaired_preference", "preference", "unpaired_preference"), ("prompt_only", "prompts", "prompt_only"),
            ("questions", "questions", "questions")]
 BATCH_KEYS = {"sft": {"input_ids", "attention_mask", "labels"},
               "preference": {f"{side}_{key}" for side in ("chosen", "rejected")
                              for key in ("input_ids", "attention_mask", "labels")} | {"margin"},
+              "unpaired_preference": {f"{side}_{key}" for side in ("completion", "kl")
+                                      for key in ("input_ids", "attention_mask", "labels")} | {"label"},
               "prompts": {"prompt_input_ids", "prompt_attention_mask", "prompt", "answer"},
               "questions": {"prompt_input_ids", "prompt_attention_mask", "prompt", "question", "answer", "id"}}
 
@@ -79,7 +83,7 @@ def test_each_format_is_detected_and_batched_for_its_task(examples, stem, task, 
     assert len(data.datasets["train"]) + len(data.datasets["validation"]) >= 55  # a few corruptions may not apply
     assert len(data.datasets["validation"]) == 3  # the first 5% of 60 rows
     batch = next(iter(data.train_dataloader()))
-    assert set(batch) == BATCH_KEYS[task]
+    assert set(batch) == BATCH_KEYS["unpaired_preference" if expected_format == "unpaired_preference" else task]
 
 
 def test_prompt_and_completion_are_tokenised_apart_and_only_the_completion_is_trained(tmp_path, tokenizer):
@@ -138,6 +142,21 @@ def test_template_that_rewrites_earlier_turns_is_refused_unless_every_token_trai
     with pytest.raises(TemplateError, match="assistant_only_loss: false"):
         module(path, chat_template=str(template))
     assert len(module(path, chat_template=str(template), assistant_only_loss=False).datasets["train"]) == 19
+
+
+def test_unpaired_rows_keep_prompt_completion_and_label_apart(tmp_path, tokenizer):
+    rows = [{"prompt": "They live in Ash", "completion": "ford", "label": True},
+            {"prompt": "Seven plus five is", "completion": " twelve", "label": False}] * 10
+    data = module(write_jsonl(tmp_path / "unpaired.jsonl", rows), task="preference")
+    assert data.unpaired
+    example = data.datasets["validation"][0]  # the first row
+    assert example["prompt_ids"] == tokenize(tokenizer, rows[0]["prompt"])
+    assert example["completion_ids"] == tokenize(tokenizer, "ford") + [tokenizer.eos_token_id]
+    assert [data.datasets["train"][i]["label"] for i in range(2)] == [False, True]  # rows 1 and 2
+    batch = next(iter(data.train_dataloader()))
+    assert batch["label"].dtype == torch.bool and batch["kl_input_ids"].shape == batch["completion_input_ids"].shape
+    with pytest.raises(DataFileError, match=r"row \d+: column 'label' must be true or false"):
+        module(write_jsonl(tmp_path / "numbers.jsonl", [{**row, "label": 1} for row in rows]), task="preference")
 
 
 def test_implicit_prompt_is_the_common_start_cut_at_a_word_boundary(tmp_path, tokenizer):

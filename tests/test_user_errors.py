@@ -278,3 +278,13 @@ def test_kto_and_pair_data_that_do_not_match_fail_before_the_model_is_built(over
         LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/dpo/quickstart.yaml"),
                             "--model.init_args.policy.name_or_path", "/nonexistent/model",
                             "--model.init_args.precompute_reference", "false", *overrides])
+
+
+def test_kto_on_paired_rows_of_the_users_file_fails_before_the_model_is_built(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "3 plus 4 is", "chosen": " 7", "rejected": " 8"}\n' * 20)
+    with pytest.raises(ValueError, match="loss_type 'kto' trains on unpaired rows"):
+        LitDistillCLI(args=["fit", "--config", str(ROOT / "configs/dpo/preference.yaml"),
+                            "--model.init_args.policy.name_or_path", "/nonexistent/model",
+                            "--model.init_args.loss_type", "kto", "--model.init_args.precompute_reference", "false",
+                            "--data.init_args.path", str(pairs)])

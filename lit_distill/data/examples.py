@@ -22,7 +22,7 @@ from lit_distill.data.preference import CORRUPTIONS, corrupt
 from lit_distill.data.squad import DEFAULT_PROMPT_TEMPLATE, SQuADExample
 
 FILES = ("text", "messages", "prompt_completion", "conversational_prompt_completion", "preference",
-         "conversational_preference", "implicit_preference", "prompt_only", "questions")
+         "conversational_preference", "implicit_preference", "unpaired_preference", "prompt_only", "questions")
 
 
 def _user(text: str) -> list[dict]:
@@ -57,6 +57,9 @@ def format_rows(rows: int, seed: int = 0) -> dict[str, list[dict]]:
                                        "rejected": _assistant(wrong)} for prompt, gold, wrong, _ in pairs],
         "implicit_preference": [{"chosen": f"{prompt} {gold}", "rejected": f"{prompt} {wrong}"}
                                 for prompt, gold, wrong, _ in pairs],
+        # KTO's rows: each pair gives one labelled completion, the gold answer and the corruption in turn.
+        "unpaired_preference": [{"prompt": prompt, "completion": " " + (wrong if index % 2 else gold),
+                                 "label": not index % 2} for index, (prompt, gold, wrong, _) in enumerate(pairs)],
         "prompt_only": [{"prompt": p.prompt, "answer": p.answer} for p in corpus.arithmetic_statements(rows, seed)],
         "questions": [{"question": prompt, "answer": gold, "id": id_} for prompt, gold, _, id_ in pairs],
     }

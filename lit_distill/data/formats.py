@@ -7,6 +7,7 @@ Format (columns)                            style                         tasks
 ``prompt_completion`` {prompt, completion}  standard or conversational    sft
 ``preference`` {prompt, chosen, rejected}   standard or conversational    preference
 ``implicit_preference`` {chosen, rejected}  standard or conversational    preference (prompt = common prefix)
+``unpaired_preference`` {prompt, completion, label}  standard or conversational  preference, unpaired (KTO)
 ``prompt_only`` {prompt}                    standard or conversational    prompts (other columns reach rewards)
 ``questions`` {question}                    standard (prompt? answer?)    questions (the teacher↔student loop)
 
@@ -31,17 +32,18 @@ from lit_distill.data.conversation import (assistant_spans, check_messages, comp
 from lit_distill.data.io import DataFileError
 
 Task = Literal["sft", "preference", "prompts", "questions"]
-Format = Literal["text", "messages", "prompt_completion", "preference", "implicit_preference", "prompt_only",
-                 "questions"]
+Format = Literal["text", "messages", "prompt_completion", "preference", "implicit_preference",
+                 "unpaired_preference", "prompt_only", "questions"]
 Overlong = Literal["truncate", "skip", "error"]
 
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "preference": ("prompt", "chosen", "rejected"), "implicit_preference": ("chosen", "rejected"),
+    "unpaired_preference": ("prompt", "completion", "label"),
     "prompt_completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",),
     "prompt_only": ("prompt",), "questions": ("question",)}
 # Detection order within a task: the first format whose columns are all present wins.
 TASK_FORMATS: dict[str, tuple[str, ...]] = {
-    "sft": ("prompt_completion", "messages", "text"), "preference": ("preference", "implicit_preference"),
+    "sft": ("prompt_completion", "messages", "text"), "preference": ("preference", "implicit_preference", "unpaired_preference"),
     "prompts": ("prompt_only",), "questions": ("questions",)}
 # What the encoder writes for each task (besides "truncated" and "skipped"), and what a skipped row holds (typed
 # like the real values, so that every batch of ``datasets.map`` has one Arrow schema; skipped rows are dropped).
@@ -49,9 +51,10 @@ OUTPUT_COLUMNS = {"sft": ("input_ids", "labels"),
                   "preference": ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels",
                                  "margin"),
                   "prompts": ("prompt_ids", "prompt"), "questions": ("prompt_ids", "prompt")}
+UNPAIRED_COLUMNS = ("prompt_ids", "completion_ids", "label")  # the preference task's, for unpaired rows (KTO)
 PLACEHOLDERS = {"input_ids": [0], "labels": [0], "chosen_input_ids": [0], "chosen_labels": [0],
                 "rejected_input_ids": [0], "rejected_labels": [0], "margin": 0.0, "prompt_ids": [0], "prompt": "",
-                "truncated": False}
+                "completion_ids": [0], "label": False, "truncated": False}
 # Batch keys of the prompts/questions tasks; a data column of that name would be overwritten.
 RESERVED_COLUMNS = ("prompt_ids", "prompt_input_ids", "prompt_attention_mask")
 
@@ -99,7 +102,8 @@ class Encoder:
 
     Every output row has ``skipped`` (why it cannot be used, "" if it can) and ``truncated`` besides the task's
     columns: ``input_ids``/``labels`` (sft), ``{chosen,rejected}_{input_ids,labels}`` and ``margin``
-    (preference), ``prompt_ids`` and ``prompt`` (prompts, questions).
+    (preference; ``prompt_ids``, ``completion_ids`` and ``label`` for unpaired rows), ``prompt_ids`` and ``prompt``
+    (prompts, questions).
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -114,7 +118,8 @@ class Encoder:
     first_row: int = 0  # the source row of the first row encoded, so that messages name the source's rows
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        columns = {key: [] for key in (*OUTPUT_COLUMNS[self.task], "truncated", "skipped")}
+        outputs = UNPAIRED_COLUMNS if self.format == "unpaired_preference" else OUTPUT_COLUMNS[self.task]
+        columns = {key: [] for key in (*outputs, "truncated", "skipped")}
         for index, row in zip(indices, (dict(zip(batch, values)) for values in zip(*batch.values()))):
             where = f"{self.origin} row {self.first_row + index}"
             try:
@@ -199,6 +204,8 @@ class Encoder:
         return {"input_ids": pair["input_ids"], "labels": labels, "truncated": pair["truncated"]}
 
     def _preference(self, row: dict, where: str) -> dict:
+        if self.format == "unpaired_preference":
+            return self._unpaired(row, where)
         prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
         if self.format == "implicit_preference":
             if is_conversation(chosen) != is_conversation(rejected):
@@ -218,6 +225,15 @@ class Encoder:
             raise DataFileError(f"{where}: column 'margin' must be a number, got {type(margin).__name__}")
         return {key: pair[key] for key in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
                                            "rejected_labels", "truncated")} | {"margin": float(margin)}
+
+    def _unpaired(self, row: dict, where: str) -> dict:
+        """TRL's unpaired preference row: one completion of the prompt, ``label`` true when it is desirable."""
+        label = row["label"]
+        if not isinstance(label, bool):
+            raise DataFileError(f"{where}: column 'label' must be true or false (desirable or not), got {label!r:.40}")
+        pair = self._fit_pair(*self._pair(row["prompt"], row["completion"], where))
+        return {"prompt_ids": pair["prompt_ids"], "completion_ids": pair["input_ids"][len(pair["prompt_ids"]):],
+                "label": label, "truncated": pair["truncated"]}
 
     def _prompt_ids(self, prompt, where: str) -> dict:
         text = render(self.tokenizer, self.template, self._messages(prompt, where), add_generation_prompt=True) \

@@ -22,6 +22,7 @@ from lit_distill.data.formats import (FORMAT_COLUMNS, OUTPUT_COLUMNS, RESERVED_C
                                       detect_format)
 from lit_distill.data.io import DataFileError, read_numbered_jsonl
 from lit_distill.data.packing import PackedDataset, best_fit_decreasing, collate_packed, packing_summary
+from lit_distill.data.preference import collate_unpaired
 from lit_distill.data.prompts import collate_prompts
 from lit_distill.data.resume import EncodedStream, StreamingLoader, batches_processed
 from lit_distill.models.loading import load_tokenizer
@@ -99,7 +100,8 @@ class HFDataModule(EncodedDataModule):
     DPO and reward models: ``preference``; PPO and GRPO: ``prompts``; the teacher↔student loop: ``questions``).
     Batches are those of the package's other DataModules for that task: ``input_ids``, ``attention_mask``,
     ``labels`` (sft, plus ``position_ids`` when packed); ``{chosen,rejected}_{input_ids,attention_mask,labels}``
-    and ``margin`` (preference); ``prompt_input_ids``, ``prompt_attention_mask``, ``prompt`` and every other
+    and ``margin`` (preference; KTO's ``{completion,kl}_*`` and ``label`` for unpaired rows, see
+    ``data.preference.collate_unpaired``); ``prompt_input_ids``, ``prompt_attention_mask``, ``prompt`` and every other
     column by name (prompts, questions).
 
     Rows that cannot be used (over-long with ``overlong: skip``, no trained token, an empty prompt, chosen equal
@@ -319,6 +321,11 @@ class HFDataModule(EncodedDataModule):
         skips.report(len(encoded))
         self.report_truncation(origin, sum(encoded["truncated"]), len(encoded), self.hparams.max_length)
 
+    @property
+    def unpaired(self) -> Optional[bool]:
+        """Whether the training rows are unpaired preference rows (KTO's), once the split's format is known."""
+        return self.formats["train"] == "unpaired_preference" if "train" in self.formats else None
+
     def prepare_data(self) -> None:
         # Local rank 0 encodes (and caches) every split before the other ranks' setup reads the cache.
         if not self.hparams.streaming:
@@ -359,6 +366,8 @@ class HFDataModule(EncodedDataModule):
     def collate_fn(self, split: str) -> Callable[[list[dict]], dict]:
         pad_token_id = self.tokenizer.pad_token_id
         task = self.resolved_task()
+        if task == "preference" and self.unpaired:
+            return partial(collate_unpaired, pad_token_id=pad_token_id, max_length=self.hparams.max_length)
         if task == "preference":
             return partial(collate_preference, pad_token_id=pad_token_id)
         if task in ("prompts", "questions"):

@@ -100,7 +100,9 @@ class DPOModule(CausalLMModule):
     def check_data(init_args: dict, datamodule) -> None:
         """KTO trains on unpaired rows, every other loss on pairs: a data module whose ``unpaired`` says otherwise is
         an error before any model loads (the CLI calls this; ``preference_loss`` checks each batch as well)."""
-        unpaired = getattr(datamodule, "hparams", {}).get("unpaired")
+        unpaired = getattr(datamodule, "unpaired", None)  # HFDataModule: from the format of the training rows
+        if unpaired is None:
+            unpaired = getattr(datamodule, "hparams", {}).get("unpaired")
         kto = init_args.get("loss_type") == "kto"
         if unpaired is None or kto == unpaired:
             return
