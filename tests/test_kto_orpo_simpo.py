@@ -281,6 +281,17 @@ def test_kto_hand_values():
     assert_close(stats.rewards, torch.tensor([4.0, 0.0, -2.0, 2.0], dtype=torch.float64))
 
 
+def test_kto_takes_a_reference_point_computed_over_more_rows():
+    policy, reference, policy_kl, reference_kl, desirable = kto_inputs()
+    for z in (torch.tensor(0.7, dtype=torch.float64), torch.tensor(-0.3, dtype=torch.float64)):
+        losses, stats = kto_loss(policy, reference, None, None, desirable, beta=2.0, kl_mean=z, reduction="none")
+        expected = naive_kto(policy, reference, reference + z.clamp(min=0), reference, desirable, 2.0, 1.0, 1.0)
+        assert_close(losses, torch.tensor(expected, dtype=torch.float64))
+        assert stats.kl.item() == max(z.item(), 0.0)
+    with pytest.raises(ValueError, match="unless kl_mean is given"):
+        kto_loss(policy, reference, None, None, desirable)
+
+
 def test_kto_reference_point_is_clamped_at_zero_and_detached():
     policy, reference, policy_kl, reference_kl, desirable = kto_inputs()
     policy, policy_kl = policy.clone().requires_grad_(), (reference_kl - 1.0).requires_grad_()  # KL estimate −1

@@ -276,9 +276,10 @@ def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, *, bet
     return _reduce(losses, reduction), stats
 
 
-def kto_loss(policy_logps: Tensor, reference_logps: Tensor, policy_kl_logps: Tensor, reference_kl_logps: Tensor,
-             desirable: Tensor, *, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-             reduction: str = "mean") -> tuple[Tensor, KTOStats]:
+def kto_loss(policy_logps: Tensor, reference_logps: Tensor, policy_kl_logps: Optional[Tensor],
+             reference_kl_logps: Optional[Tensor], desirable: Tensor, *, beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0, reduction: str = "mean",
+             kl_mean: Optional[Tensor] = None) -> tuple[Tensor, KTOStats]:
     """Kahneman–Tversky optimisation (Ethayarajh et al. 2024, eq. 8) on unpaired completions.
 
     With r = log π(y|x) − log π_ref(y|x) and the reference point z = max(0, mean_B(log π(y'|x) − log π_ref(y'|x)))
@@ -289,13 +290,16 @@ def kto_loss(policy_logps: Tensor, reference_logps: Tensor, policy_kl_logps: Ten
     Args:
         policy_logps: (B,) policy log-probs (sums over tokens) of each completion given its prompt.
         reference_logps: (B,) reference log-probs of the same.
-        policy_kl_logps: (B,) policy log-probs of mismatched completions y' (another row's) given each prompt.
-        reference_kl_logps: (B,) reference log-probs of the same.
+        policy_kl_logps: (B,) policy log-probs of mismatched completions y' (another row's) given each prompt;
+            None with ``kl_mean``.
+        reference_kl_logps: (B,) reference log-probs of the same; None with ``kl_mean``.
         desirable: (B,) bool, True for a desirable completion.
         beta: β > 0, the scale of the implied reward.
         desirable_weight: λ_D > 0; the paper keeps λ_D n_D / (λ_U n_U) in [1, 4/3].
         undesirable_weight: λ_U > 0.
         reduction: ``"mean"`` or ``"sum"`` over completions, or ``"none"`` for the (B,) per-completion losses.
+        kl_mean: the unclamped z computed by the caller over more rows than this call's (TRL averages it over
+            all processes); None: the mean over this call's mismatched rows.
 
     Returns:
         The fp32 loss (scalar, or (B,) for ``"none"``) and ``KTOStats``.
@@ -309,15 +313,20 @@ def kto_loss(policy_logps: Tensor, reference_logps: Tensor, policy_kl_logps: Ten
         raise ValueError(f"desirable_weight and undesirable_weight must be > 0, got {desirable_weight} and "
                          f"{undesirable_weight}")
     _check_reduction(reduction)
-    inputs = (policy_logps, reference_logps, policy_kl_logps, reference_kl_logps, desirable)
+    if kl_mean is None and (policy_kl_logps is None or reference_kl_logps is None):
+        raise ValueError("policy_kl_logps and reference_kl_logps are needed unless kl_mean is given")
+    inputs = tuple(x for x in (policy_logps, reference_logps, policy_kl_logps, reference_kl_logps, desirable)
+                   if x is not None)
     if len({tuple(x.shape) for x in inputs}) != 1:
         raise ValueError("policy_logps, reference_logps, policy_kl_logps, reference_kl_logps and desirable must have "
                          f"the same shape, got {[tuple(x.shape) for x in inputs]}")
-    dtype = compute_dtype(*inputs[:4])
+    dtype = compute_dtype(*inputs[:-1])
     desirable = desirable.bool()
 
     logratios = policy_logps.to(dtype) - reference_logps.detach().to(dtype)  # (B,)
-    kl = (policy_kl_logps.detach().to(dtype) - reference_kl_logps.detach().to(dtype)).mean().clamp(min=0)  # ()
+    if kl_mean is None:
+        kl_mean = (policy_kl_logps.detach().to(dtype) - reference_kl_logps.detach().to(dtype)).mean()
+    kl = kl_mean.detach().to(dtype).clamp(min=0)  # ()
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios))))  # (B,)
 

@@ -4,7 +4,7 @@ KTO (Ethayarajh et al. 2024) on unpaired completions labelled desirable or undes
 
 KTO's reference point z is an estimate of KL(π‖π_ref) from mismatched (prompt, completion) pairs of the batch: the
 data module's ``kl_*`` rows (each prompt with another row's completion, see ``data.preference.collate_unpaired``),
-scored by the policy without gradient and by the reference. As in TRL, z is the mean over the micro-batch.
+scored by the policy without gradient and by the reference. As in TRL, z is the mean over the batches of all ranks.
 
 For DPO the reference is, in order of preference for memory: reference log-probs precomputed once before training
 (``precompute_reference``; the reference model is then freed), the policy's LoRA base with the adapter disabled,
@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.cli import OptimizerCallable
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
@@ -173,7 +174,7 @@ class DPOModule(CausalLMModule):
             reference, reference_kl = self.reference_logps(batch)
             loss, stats = kto_loss(policy, reference, policy_kl, reference_kl, batch["label"], beta=hp.beta,
                                    desirable_weight=hp.desirable_weight, undesirable_weight=hp.undesirable_weight,
-                                   reduction=reduction)
+                                   reduction=reduction, kl_mean=self.kl_mean_over_ranks(policy_kl - reference_kl))
             return loss, stats, policy.detach(), policy_kl
         policy_chosen, policy_rejected = self.sequence_logps(self.model, batch)
         if hp.loss_type == "simpo":
@@ -187,6 +188,15 @@ class DPOModule(CausalLMModule):
                                    beta=hp.beta, loss_type=hp.loss_type, label_smoothing=hp.label_smoothing,
                                    reduction=reduction)
         return loss, stats, policy_chosen.detach(), policy_rejected.detach()
+
+    def kl_mean_over_ranks(self, shifts: torch.Tensor) -> Optional[torch.Tensor]:
+        """KTO's unclamped z under DDP: the mean of the mismatched log-ratios of every rank's rows (TRL averages the
+        ranks' means: the same for equal batches); None on one process (``kto_loss`` takes the batch mean)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return None
+        totals = torch.stack([shifts.detach().float().sum(), torch.tensor(float(shifts.numel()), device=shifts.device)])
+        dist.all_reduce(totals)
+        return totals[0] / totals[1]
 
     def training_step(self, batch, batch_idx):
         loss_sum, stats, chosen, rejected = self.preference_loss(batch, reduction="sum")
