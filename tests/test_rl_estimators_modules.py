@@ -125,6 +125,23 @@ def test_refill_prompts_are_a_function_of_the_step_and_round_not_of_the_loaders_
     assert len({tuple(prompts) for prompts in refills[0]}) > 1
 
 
+class PromptStream(torch.utils.data.IterableDataset):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_dynamic_sampling_on_a_streamed_dataset_is_an_error_at_train_start(llama_dir, tokenizer):
+    module = grpo(llama_dir, dynamic_sampling=True)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    stream = torch.utils.data.DataLoader(PromptStream(batches(tokenizer, [LIVE[:2]])), batch_size=None)
+    with pytest.raises(ValueError, match="dynamic_sampling refills from a map-style training dataset"):
+        trainer.fit(module, stream)
+
+
 @pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp"])
 def test_estimators_train_on_the_grpo_plumbing_with_exact_ratios_at_zero_lr(llama_dir, tokenizer, estimator,
                                                                             monkeypatch):

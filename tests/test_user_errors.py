@@ -288,3 +288,11 @@ def test_kto_on_paired_rows_of_the_users_file_fails_before_the_model_is_built(tm
                             "--model.init_args.policy.name_or_path", "/nonexistent/model",
                             "--model.init_args.loss_type", "kto", "--model.init_args.precompute_reference", "false",
                             "--data.init_args.path", str(pairs)])
+
+
+def test_a_reward_model_on_unpaired_rows_fails_before_the_model_is_built(tmp_path):
+    rows = tmp_path / "unpaired.jsonl"
+    rows.write_text('{"prompt": "3 plus 4 is", "completion": " 7", "label": true}\n' * 20)
+    with pytest.raises(ValueError, match="RewardModule learns from preference pairs"):
+        _fit_without_a_model("configs/reward/quickstart.yaml", "--data", "lit_distill.data.HFDataModule",
+                             "--data.init_args.path", str(rows))

@@ -43,7 +43,8 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "prompt_only": ("prompt",), "questions": ("question",)}
 # Detection order within a task: the first format whose columns are all present wins.
 TASK_FORMATS: dict[str, tuple[str, ...]] = {
-    "sft": ("prompt_completion", "messages", "text"), "preference": ("preference", "implicit_preference", "unpaired_preference"),
+    "sft": ("prompt_completion", "messages", "text"),
+    "preference": ("preference", "implicit_preference", "unpaired_preference"),
     "prompts": ("prompt_only",), "questions": ("questions",)}
 # What the encoder writes for each task (besides "truncated" and "skipped"), and what a skipped row holds (typed
 # like the real values, so that every batch of ``datasets.map`` has one Arrow schema; skipped rows are dropped).

@@ -186,6 +186,13 @@ def mismatched_rows(prompts: Sequence[Sequence[int]]) -> list[int]:
             for i in range(size)]
 
 
+def serves_unpaired(datamodule) -> Optional[bool]:
+    """Whether a preference DataModule serves unpaired rows (KTO's): its ``unpaired`` argument, or for
+    ``HFDataModule`` the format of its training rows once checked; None when it cannot say."""
+    unpaired = getattr(datamodule, "unpaired", None)
+    return unpaired if unpaired is not None else getattr(datamodule, "hparams", {}).get("unpaired")
+
+
 def collate_unpaired(examples: list[dict], pad_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
     """Batch unpaired rows ``{"prompt_ids", "completion_ids", "label"}`` for KTO.
 

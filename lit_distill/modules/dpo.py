@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from lit_distill.checks import require
+from lit_distill.data.preference import serves_unpaired
 from lit_distill.losses import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, dpo_loss, kto_loss, orpo_loss, simpo_loss
 from lit_distill.models.loading import ModelSpec, build_model, build_reference, load_tokenizer
 from lit_distill.models.forward import labelled_sequence_logprobs
@@ -101,9 +102,7 @@ class DPOModule(CausalLMModule):
     def check_data(init_args: dict, datamodule) -> None:
         """KTO trains on unpaired rows, every other loss on pairs: a data module whose ``unpaired`` says otherwise is
         an error before any model loads (the CLI calls this; ``preference_loss`` checks each batch as well)."""
-        unpaired = getattr(datamodule, "unpaired", None)  # HFDataModule: from the format of the training rows
-        if unpaired is None:
-            unpaired = getattr(datamodule, "hparams", {}).get("unpaired")
+        unpaired = serves_unpaired(datamodule)
         kto = init_args.get("loss_type") == "kto"
         if unpaired is None or kto == unpaired:
             return

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 
 from lit_distill.checks import require
+from lit_distill.data.preference import serves_unpaired
 from lit_distill.losses import reward_loss
 from lit_distill.models.heads import ScalarHead, final_hidden_states
 from lit_distill.models.loading import ModelSpec, build_model, load_tokenizer, save_pretrained
@@ -22,6 +23,13 @@ from lit_distill.optim import SchedulerCallable
 
 class RewardModule(CausalLMModule):
     data_task = "preference"  # what an HFDataModule serves this module
+
+    @staticmethod
+    def check_data(init_args: dict, datamodule) -> None:
+        """Before any model loads (the CLI calls this): a reward model learns from pairs, not KTO's unpaired rows."""
+        if serves_unpaired(datamodule):
+            raise ValueError("RewardModule learns from preference pairs; the data serves unpaired rows (prompt, "
+                             "completion, label), which only DPOModule(loss_type: kto) trains on")
 
     def __init__(self, model: ModelSpec, *, center_coefficient: float = 0.0,
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
