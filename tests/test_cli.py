@@ -1,6 +1,7 @@
 """The CLI end to end: every config parses, the quickstart improves its metrics, the seed config runs on local
 directories, and a 2-process CPU DDP run matches a 1-process run on the same global batch."""
 
+import csv
 import difflib
 import itertools
 import json
@@ -104,6 +105,17 @@ def run_cli(args, cwd):
     result = subprocess.run([sys.executable, "-m", "lit_distill", *args], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def ddp_fit_metrics(tmp_path, configs, *overrides):
+    """A 2-process CPU DDP fit of ``configs`` (2 steps, every step logged): rank 0's logged metrics by name."""
+    run_cli(["fit", *(argument for name in configs for argument in ("--config", str(ROOT / name))),
+             "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2",
+             "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
+             "--trainer.limit_val_batches", "1", "--trainer.logger.init_args.save_dir", str(tmp_path),
+             "--model.init_args.save_dir", str(tmp_path / "model"), *overrides], cwd=tmp_path)
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    return {name: [float(row[name]) for row in rows if row.get(name)] for name in rows[0]}
 
 
 def test_ddp_two_processes_match_one_process_on_the_same_global_batch(llama_dir, tmp_path):

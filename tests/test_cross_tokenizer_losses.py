@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lit_distill.losses import (build_vocab_map, cross_tokenizer_loss, monotone_ends, span_starts, uld_distance,
-                                vocab_map_kl)
+from lit_distill.losses import (build_first_token_map, build_vocab_map, cross_tokenizer_loss, monotone_ends,
+                                span_starts, uld_distance, vocab_map_kl)
 
 P_S = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
 P_T = torch.tensor([[0.1, 0.6, 0.2, 0.1]], dtype=torch.float64)
@@ -61,6 +61,26 @@ def test_vocab_map_hand_derived():
     # mapped: a .6, b .1, c .1 of matched mass .8 -> q = [.75, .125, .125]
     expected = .75 * math.log(.75 / .5) + .125 * math.log(.125 / .3) + .125 * math.log(.125 / .2)
     assert_close(vocab_map_kl(P_S.log(), P_T.log(), mapping), torch.tensor([expected], dtype=torch.float64))
+
+
+def bpe_tokenizer(vocab: list[str], merges: list[tuple[str, str]], special: tuple[str, ...] = ()):
+    """A fast BPE tokenizer with exactly ``vocab`` (ids in order) and ``merges``, no pre-tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE({token: i for i, token in enumerate(vocab)}, merges))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, additional_special_tokens=list(special))
+
+
+def test_first_token_map_hand_derived():
+    # Student: a, b, ab. Teacher ids: a 0, b 1, ab 2, abb 3, ba 4, bab 5, <s> 6 (special).
+    student = bpe_tokenizer(["a", "b", "ab"], [("a", "b")])
+    teacher = bpe_tokenizer(["a", "b", "ab", "abb", "ba", "bab", "<s>"],
+                            [("a", "b"), ("ab", "b"), ("b", "a"), ("b", "ab")], special=("<s>",))
+    # abb -> ab|b, ba -> b|a, bab -> b|ab: each goes to the student's first token of its text.
+    assert build_first_token_map(student, teacher, 8).tolist() == [0, 1, 2, 2, 1, 1, -1, -1]
+    # Exact match keeps only the shared strings a, b, ab.
+    assert build_vocab_map(student.get_vocab(), teacher.get_vocab(), 8).tolist() == [0, 1, 2, -1, -1, -1, -1, -1]
 
 
 def test_vocab_map_kl_matches_naive_and_is_zero_at_the_mapped_teacher():

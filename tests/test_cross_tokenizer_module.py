@@ -55,6 +55,8 @@ def test_another_vocabulary_needs_the_option(other_tokenizer):
         module(other_tokenizer)
     with pytest.raises(ValueError, match="cross_tokenizer 'ot' is not one of"):
         module(other_tokenizer, cross_tokenizer="ot")
+    with pytest.raises(ValueError, match="cross_tokenizer_map must be one of .*vocab_map only"):
+        module(other_tokenizer, cross_tokenizer="uld", cross_tokenizer_map="first_token")
 
 
 @pytest.mark.parametrize("left_pad", [False, True])
@@ -85,8 +87,8 @@ def test_other_tokenizer_aligns_most_positions_and_trains(other_tokenizer):
     spans (about one per teacher token), still a large share of the student's positions; five steps lower the loss."""
     tokenizer = load_tokenizer(other_tokenizer)
     batch = text_batch(tokenizer, [t[:200] for t in corpus.text_documents(4, seed=7)])
-    for method in ("uld", "vocab_map"):
-        distill = module(other_tokenizer, cross_tokenizer=method, alpha=0.5,
+    for method, vocab_map in (("uld", "exact"), ("vocab_map", "exact"), ("vocab_map", "first_token")):
+        distill = module(other_tokenizer, cross_tokenizer=method, cross_tokenizer_map=vocab_map, alpha=0.5,
                          optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
         _, _, first, stats = distill.distill_loss(batch, alpha=0.5)
         assert 0.35 < int(stats.num_aligned) / int(stats.num_tokens) < 1 and torch.isfinite(first)

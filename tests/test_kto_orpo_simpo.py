@@ -15,6 +15,7 @@ from lit_distill.losses import ORPOStats, kto_loss, log_odds, orpo_loss, simpo_l
 from lit_distill.modules import DPOModule
 from lit_distill.models.loading import ModelSpec
 from test_preference_modules import POLICY, first_batch, fit, preference_data
+from tests.test_cli import ddp_fit_metrics
 
 # Mean per-token log-probs of three pairs (chosen, rejected).
 CHOSEN = torch.tensor([-1.0, -2.0, -1.0], dtype=torch.float64)
@@ -482,3 +483,13 @@ def test_kto_and_pair_losses_refuse_the_other_batch_format(kwargs, data_kwargs, 
 def test_kto_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DPOModule(policy=ModelSpec(**POLICY), **kwargs)
+
+
+def test_kto_trains_under_two_process_ddp(tmp_path):
+    """The reference point z is all-reduced over the ranks' mismatched rows every step (a collective that must not
+    hang, in training and validation)."""
+    metrics = ddp_fit_metrics(tmp_path, ["configs/dpo/quickstart.yaml", "configs/kto/quickstart.yaml"],
+                          "--data.init_args.embedded_examples", "200", "--data.init_args.batch_size", "4",
+                          "--data.init_args.max_examples", "{validation: 16}")
+    assert len(metrics["kto/kl"]) == 2 and all(math.isfinite(value) for value in metrics["kto/kl"])
+    assert metrics["val/margin"]

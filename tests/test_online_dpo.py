@@ -11,6 +11,7 @@ from lit_distill.losses import best_worst_pairs
 from lit_distill.models.loading import ModelSpec
 from lit_distill.modules import OnlineDPOModule
 from lit_distill.rollout import Sampling
+from tests.test_cli import ddp_fit_metrics
 from tests.test_rl_modules import Constant, LetterCount, assert_unchanged, fit, prompt_batches, sgd, trained_parameters
 
 
@@ -106,3 +107,11 @@ def test_tied_pairs_do_not_train(llama_dir, tokenizer):
 def test_bad_settings_name_their_field(llama_dir, settings, field):
     with pytest.raises(ValueError, match=field):
         online_dpo(llama_dir, **settings)
+
+
+def test_the_quickstart_trains_under_two_process_ddp(tmp_path):
+    """Decisive pairs are counted over both ranks (the loss's denominator) and the ranks step together."""
+    metrics = ddp_fit_metrics(tmp_path, ["configs/dpo/online.yaml"], "--data.init_args.num_embedded", "64",
+                          "--data.init_args.batch_size", "4", "--data.init_args.eval_batch_size", "4",
+                          "--trainer.callbacks.init_args.max_batches", "1")
+    assert len(metrics["online_dpo/decisive_frac"]) == 2 and metrics["val/reward_mean"]

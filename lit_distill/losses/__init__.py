@@ -1,7 +1,7 @@
 """Distillation, preference and RL losses: pure tensor functions, no model or Lightning code."""
-from lit_distill.losses.cross_tokenizer import (CROSS_TOKENIZER_METHODS, CrossTokenizerStats, build_vocab_map,
-                                              cross_tokenizer_loss, monotone_ends, span_starts, uld_distance,
-                                              vocab_map_kl)
+from lit_distill.losses.cross_tokenizer import (CROSS_TOKENIZER_METHODS, CrossTokenizerStats, build_first_token_map,
+                                              build_vocab_map, cross_tokenizer_loss, monotone_ends, span_starts,
+                                              uld_distance, vocab_map_kl)
 from lit_distill.losses.grpo import GRPO_LOSS_TYPES, GRPOStats, grpo_denominator, grpo_loss, step_denominators
 from lit_distill.losses.kd import DIVERGENCES, KDStats, align_vocab, kd_loss, token_divergence
 from lit_distill.losses.logprobs import sequence_logprobs_from_logits, token_logprobs
@@ -17,7 +17,7 @@ from lit_distill.losses.rl import (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, SCALE_RE
 
 __all__ = ["ADVANTAGE_ESTIMATORS", "IMPORTANCE_SAMPLING_LEVELS", "best_worst_pairs", "equal_reward_groups",
            "reinforce_pp_advantages", "rloo_advantages",
-           "CROSS_TOKENIZER_METHODS", "CrossTokenizerStats", "build_vocab_map", "cross_tokenizer_loss",
+           "CROSS_TOKENIZER_METHODS", "CrossTokenizerStats", "build_first_token_map", "build_vocab_map", "cross_tokenizer_loss",
            "monotone_ends", "span_starts", "uld_distance", "vocab_map_kl",
            "DIVERGENCES", "DPOStats", "DPO_LOSS_TYPES", "GRPOStats", "GRPO_LOSS_TYPES", "KDStats", "KL_ESTIMATORS",
            "KTOStats", "ORPOStats", "PolicyStats", "REFERENCE_FREE_LOSS_TYPES", "RewardStats", "SCALE_REWARDS",

@@ -123,6 +123,25 @@ def build_vocab_map(student_vocab: dict[str, int], teacher_vocab: dict[str, int]
     return mapping
 
 
+def build_first_token_map(student_tokenizer, teacher_tokenizer, teacher_size: int) -> Tensor:
+    """(Vt,) int64: for each teacher id the first student token of the teacher token's text, −1 for special tokens,
+    ids past the tokenizer and texts that are not whole characters (a byte-level piece of one).
+
+    Every other teacher token maps somewhere, so no teacher mass is dropped: at an aligned position the teacher's
+    probability of a longer token (" theory") goes to the token the student would start that text with (" the"),
+    the student's own next token. Exact match (``build_vocab_map``) keeps only tokens both vocabularies share.
+    """
+    size = min(len(teacher_tokenizer), teacher_size)
+    texts = teacher_tokenizer.batch_decode([[i] for i in range(size)], clean_up_tokenization_spaces=False)
+    first_ids = student_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    special = set(teacher_tokenizer.all_special_ids)
+    mapping = torch.full((teacher_size,), -1, dtype=torch.long)
+    for teacher_id, (text, ids) in enumerate(zip(texts, first_ids)):
+        if ids and teacher_id not in special and "\ufffd" not in text:
+            mapping[teacher_id] = ids[0]
+    return mapping
+
+
 def mapped_teacher_probs(teacher_logits: Tensor, vocab_map: Tensor, student_vocab: int,
                          temperature: float = 1.0) -> Tensor:
     """(A, Vt), (Vt,) -> (A, Vs): the teacher's probabilities moved to the student ids of ``vocab_map``, unmatched

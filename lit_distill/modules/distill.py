@@ -28,8 +28,8 @@ from torchmetrics.text import Perplexity
 
 from lit_distill.checks import require
 from lit_distill.data.collate import IGNORE_INDEX
-from lit_distill.losses import (CROSS_TOKENIZER_METHODS, DIVERGENCES, build_vocab_map, cross_tokenizer_loss, kd_loss,
-                                monotone_ends, span_starts, token_logprobs, topk_kd_loss)
+from lit_distill.losses import (CROSS_TOKENIZER_METHODS, DIVERGENCES, build_first_token_map, build_vocab_map,
+                                cross_tokenizer_loss, kd_loss, monotone_ends, span_starts, token_logprobs, topk_kd_loss)
 from lit_distill.models.loading import ModelSpec, build_model, count_parameters, load_tokenizer
 from lit_distill.models.forward import labelled_logits
 from lit_distill.modules.base import CausalLMModule, default_optimizer
@@ -37,6 +37,8 @@ from lit_distill.optim import SchedulerCallable
 from lit_distill.rollout import Sampling, left_pad, rollout_generator
 from lit_distill.teachers.logit_cache import (CachedTeacherOutputs, LogitCache, LogitCacheSpec, build_logit_cache, cache_teacher,
                                               config_summary)
+
+VOCAB_MAPS = ("exact", "first_token")  # cross_tokenizer_map
 
 
 def divergence_weight(stats) -> torch.Tensor:
@@ -53,7 +55,7 @@ class DistillModule(CausalLMModule):
                  temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5, chunk_size: Optional[int] = None,
                  on_policy_fraction: float = 0.0, prompt_tokens: int = 16, sampling: Sampling = Sampling(),
                  seed: int = 0, logit_cache: Optional[LogitCacheSpec] = None, cross_tokenizer: Optional[str] = None,
-                 cross_tokenizer_top_k: Optional[int] = None,
+                 cross_tokenizer_top_k: Optional[int] = None, cross_tokenizer_map: str = "exact",
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: Optional[SchedulerCallable] = None,
                  save_dir: Optional[str] = None, merge_lora: bool = False):
         """
@@ -79,6 +81,10 @@ class DistillModule(CausalLMModule):
                 ``divergence``; ``beta`` and ``chunk_size`` do not apply. None: one shared vocabulary is required.
             cross_tokenizer_top_k: ULD's top-k truncation of the sorted probabilities (``uld_distance``); None
                 sorts the full vocabularies.
+            cross_tokenizer_map: how ``vocab_map`` moves teacher tokens onto student ids: ``exact`` (tokens with the
+                same string, ``losses.build_vocab_map``; the rest of the teacher's mass is dropped) or
+                ``first_token`` (every token onto the student's first token of its text,
+                ``losses.build_first_token_map``).
         """
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, save_dir=save_dir, merge_lora=merge_lora)
         if divergence not in DIVERGENCES:
@@ -103,6 +109,9 @@ class DistillModule(CausalLMModule):
                 raise ValueError("cross_tokenizer needs a live teacher (its tokenizer reads the text); drop logit_cache")
         require(cross_tokenizer_top_k is None or cross_tokenizer_top_k >= 1, "cross_tokenizer_top_k",
                 cross_tokenizer_top_k, ">= 1 or null")
+        require(cross_tokenizer_map in VOCAB_MAPS and (cross_tokenizer_map == "exact" or cross_tokenizer == "vocab_map"),
+                "cross_tokenizer_map", cross_tokenizer_map, f"one of {VOCAB_MAPS}; first_token with cross_tokenizer "
+                "vocab_map only")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.sampling = Sampling.of(sampling)
         self.tokenizer = load_tokenizer(student.tokenizer or student.name_or_path)
@@ -124,9 +133,10 @@ class DistillModule(CausalLMModule):
         model = build_model(teacher, self.teacher_tokenizer).eval().requires_grad_(False)
         if self.hparams.cross_tokenizer == "vocab_map":
             teacher_width = model.get_output_embeddings().weight.shape[0]
-            self.register_buffer("vocab_map", build_vocab_map(self.tokenizer.get_vocab(),
-                                                              self.teacher_tokenizer.get_vocab(), teacher_width),
-                                 persistent=False)
+            vocab_map = (build_first_token_map(self.tokenizer, self.teacher_tokenizer, teacher_width)
+                         if self.hparams.cross_tokenizer_map == "first_token" else
+                         build_vocab_map(self.tokenizer.get_vocab(), self.teacher_tokenizer.get_vocab(), teacher_width))
+            self.register_buffer("vocab_map", vocab_map, persistent=False)
         return model
 
     def setup(self, stage: str) -> None:
