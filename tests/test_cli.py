@@ -114,7 +114,12 @@ def ddp_fit_metrics(tmp_path, configs, *overrides):
              "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2",
              "--trainer.limit_val_batches", "1", "--trainer.logger.init_args.save_dir", str(tmp_path),
              "--model.init_args.save_dir", str(tmp_path / "model"), *overrides], cwd=tmp_path)
-    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    return logged_metrics(tmp_path)
+
+
+def logged_metrics(folder: Path) -> dict[str, list[float]]:
+    """Every value the CSVLogger wrote under ``folder`` (one run), by metric name, in step order."""
+    rows = list(csv.DictReader(next(folder.rglob("metrics.csv")).open()))
     return {name: [float(row[name]) for row in rows if row.get(name)] for name in rows[0]}
 
 

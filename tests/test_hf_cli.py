@@ -1,13 +1,13 @@
 """Every dataset format trains through the CLI (`python -m lit_distill fit`) with HFDataModule, in each module that
 takes it: SFT, DPO, reward modelling, GRPO and the teacher↔student loop."""
 
-import csv
 from pathlib import Path
 
 import pytest
 
 from lit_distill.cli import LitDistillCLI
 from lit_distill.data.examples import write_examples
+from tests.test_cli import logged_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,8 +32,7 @@ def fit(config: str | list[str], data_file: Path, tmp_path: Path, *extra: str,
                               "--trainer.logger.init_args.save_dir", str(tmp_path),
                               "--model.init_args.save_dir", str(tmp_path / "model"), *extra])
     assert cli.trainer.global_step >= 2  # RL modules count each of a rollout's optimizer updates
-    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
-    return {name: [float(row[name]) for row in rows if row.get(name)] for name in rows[0]}
+    return logged_metrics(tmp_path)
 
 
 @pytest.mark.parametrize("config, data_file, metric", [

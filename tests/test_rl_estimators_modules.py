@@ -1,7 +1,6 @@
 """GRPOModule with the RLOO / REINFORCE++ estimators and DAPO's dynamic sampling, on a tiny random Llama with a
 deterministic reward: filtered groups never reach the loss and the batch is refilled from the training dataset."""
 
-import lightning as L
 import pytest
 import torch
 
@@ -115,9 +114,7 @@ def test_refill_prompts_are_a_function_of_the_step_and_round_not_of_the_loaders_
     refills = []
     for _ in range(2):
         module = grpo(llama_dir, dynamic_sampling=True)
-        trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-        trainer.fit(module, torch.utils.data.DataLoader(rows, batch_size=3, collate_fn=collate))
+        fit(module, torch.utils.data.DataLoader(rows, batch_size=3, collate_fn=collate), max_steps=1)
         refills.append([module.next_prompts(round)["prompt"] for round in (1, 2, 3)])
         assert module.next_prompts(1)["prompt"] == refills[-1][0]  # asked again: the same rows, not the next ones
     assert refills[0] == refills[1]
@@ -135,11 +132,9 @@ class PromptStream(torch.utils.data.IterableDataset):
 
 def test_dynamic_sampling_on_a_streamed_dataset_is_an_error_at_train_start(llama_dir, tokenizer):
     module = grpo(llama_dir, dynamic_sampling=True)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     stream = torch.utils.data.DataLoader(PromptStream(batches(tokenizer, [LIVE[:2]])), batch_size=None)
     with pytest.raises(ValueError, match="dynamic_sampling refills from a map-style training dataset"):
-        trainer.fit(module, stream)
+        fit(module, stream, max_steps=1)
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "reinforce_pp"])

@@ -44,11 +44,13 @@ def prompt_batches(tokenizer, batch_size=4, num_batches=2):
 
 
 def fit(module, batches, max_steps):
+    """Train on ``batches``: a list of ready batches, or a DataLoader used as it is."""
     # log_every_n_steps=1: the tests read the last rollout's statistics from callback_metrics.
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         log_every_n_steps=1)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    loader = batches if isinstance(batches, torch.utils.data.DataLoader) else \
+        torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(module, loader)
     return trainer
 
